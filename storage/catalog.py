@@ -42,7 +42,7 @@ WITH student AS (
            unnest(range(len(s_lp))) AS token_index,
            unnest(s_lp) AS student_logprob,
            unnest(t_lp) AS teacher_logprob,
-           unnest(coalesce(r_lp, list_transform(s_lp, x -> NULL::FLOAT))) AS reference_logprob
+           unnest(coalesce(r_lp, list_resize(CAST([] AS FLOAT[]), len(s_lp)))) AS reference_logprob
     FROM joined
 )
 SELECT *,

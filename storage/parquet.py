@@ -35,15 +35,15 @@ def conform(rows: pa.Table | Sequence[dict], schema: pa.Schema, what: str) -> pa
     if missing:
         raise SchemaMismatchError(f"{what}: missing column(s) {missing}")
     rows = rows.select(schema.names)
+    for field in schema:
+        column = rows.column(field.name)
+        if not field.nullable and column.null_count:
+            row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            raise SchemaMismatchError(f"{what}: column {field.name!r} is null at row {row}, but it is required")
     try:
-        rows = rows.cast(schema, safe=True)
+        return rows.cast(schema, safe=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
         raise SchemaMismatchError(f"{what}: a column has the wrong type: {err}") from err
-    for field in schema:
-        if not field.nullable and rows.column(field.name).null_count:
-            row = next(i for i, v in enumerate(rows.column(field.name).to_pylist()) if v is None)
-            raise SchemaMismatchError(f"{what}: column {field.name!r} is null at row {row}, but it is required")
-    return rows
 
 
 def write_shard(rows: pa.Table | Sequence[dict], path: str | Path, schema: pa.Schema) -> Path:

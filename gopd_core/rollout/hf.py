@@ -1,0 +1,213 @@
+"""Rollouts with plain Hugging Face transformers: our own batched sampling loop over the KV cache.
+
+For each batch of prompts (sorted by length to limit padding):
+1. Render every prompt with the model's chat template and left-pad the batch; position ids count
+   real tokens only, so a padded row sees the same positions as it would alone.
+2. Prefill the prompts once, then repeat the cache `n` times (one copy per sample).
+3. Decode token by token: the raw distribution log_softmax(logits) gives the recorded log-prob;
+   temperature and top-p only shape the sampling distribution (temperature 0 is greedy). Draws use
+   one `torch.Generator` seeded from `SamplingParams.seed`, so the same seed gives the same rollouts.
+4. A row stops at EOS (kept in the response, finish_reason "stop") or after `max_new_tokens`
+   ("length"); finished rows leave the batch and the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gopd_core.models import load_model, load_tokenizer, render_prompt
+from gopd_core.rollout import EngineBase, SamplingParams, rollout_id
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus its response budget does not fit the model's context window."""
+
+
+def sample_next_tokens(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. Returns (tokens_B, raw log-probs of those tokens_B, fp32).
+
+    The log-prob is under the raw model distribution, before temperature and top-p.
+    """
+    logits_BV = logits_BV.float()
+    raw_logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+    if temperature == 0:
+        tokens_B = logits_BV.argmax(dim=-1)
+    else:
+        probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+        if top_p < 1.0:
+            probs_BV = top_p_filter(probs_BV, top_p)
+        # draw on the CPU generator wherever the model runs: same seed, same tokens
+        tokens_B = torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(probs_BV.device)
+    return tokens_B, raw_logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all tokens outside the smallest set whose probability reaches `top_p` (top-1 always kept)."""
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
+    sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
+    return torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists. Returns (input_ids_BL, attention_mask_BL, position_ids_BL)."""
+    width = max(len(s) for s in sequences)
+    input_ids_BL = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask_BL = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids_BL[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask_BL[row, width - len(sequence):] = 1
+    position_ids_BL = (attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
+    return input_ids_BL, attention_mask_BL, position_ids_BL
+
+
+class HFEngine(EngineBase):
+    """Batched KV-cache sampling with a local transformers causal LM (CPU or one GPU)."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "cpu",
+        batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        """batch_size counts sequences (prompts x samples); progress None shows tqdm only on a tty."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = device
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.progress = progress
+        self.tokenizer = load_tokenizer(model_path)
+        self.load_weights(model_path)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, checkpoint_id: str, batch_size: int = 32,
+                   progress: bool | None = False) -> HFEngine:
+        """An engine around an in-memory model (shared, not copied), e.g. the policy during RL."""
+        engine = cls.__new__(cls)
+        engine.device = str(next(model.parameters()).device)
+        engine.batch_size, engine.dtype, engine.progress = batch_size, None, progress
+        engine.tokenizer, engine.model, engine.checkpoint_id = tokenizer, model, checkpoint_id
+        return engine
+
+    def load_weights(self, model_path: str | Path) -> None:
+        """Load a checkpoint (same tokenizer); its directory name becomes the default checkpoint id."""
+        self.model = load_model(model_path, dtype=self.dtype, device=self.device)
+        self.checkpoint_id = Path(model_path).name
+
+    def close(self) -> None:
+        self.model = None
+
+    @property
+    def max_context(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def generate(
+        self,
+        prompts: list[dict],
+        sampling: SamplingParams,
+        run_id: str,
+        iteration: int,
+        checkpoint_id: str | None = None,
+    ) -> list[dict]:
+        """Rows of the ROLLOUTS schema, `sampling.n` per prompt, ordered by (prompt, sample_index)."""
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.n < 1 or sampling.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling parameters: {sampling}")
+        prompt_ids = [render_prompt(self.tokenizer, row["messages"]) for row in prompts]
+        self._check_lengths(prompts, prompt_ids, sampling.max_new_tokens)
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
+        per_batch = max(1, self.batch_size // sampling.n)
+        batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        samples: dict[int, list[tuple[list[int], list[float]]]] = {}
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=f"rollout {self.checkpoint_id}", disable=not show, unit="batch"):
+                outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, generator)
+                for k, i in enumerate(batch):
+                    samples[i] = outputs[k * sampling.n:(k + 1) * sampling.n]
+        checkpoint = checkpoint_id or self.checkpoint_id
+        return [
+            self._row(prompts[i], prompt_ids[i], j, tokens, logprobs, sampling, run_id, iteration, checkpoint)
+            for i in range(len(prompts)) for j, (tokens, logprobs) in enumerate(samples[i])
+        ]
+
+    def _check_lengths(self, prompts: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        budget = self.max_context - max_new_tokens
+        for row, ids in zip(prompts, prompt_ids):
+            if len(ids) > budget:
+                raise PromptTooLongError(
+                    f"prompt {row['prompt_id']!r} has {len(ids)} tokens, but the model's context of "
+                    f"{self.max_context} leaves only {budget} after max_new_tokens={max_new_tokens}; "
+                    "shorten the prompt or lower max_new_tokens"
+                )
+
+    def _generate_batch(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator
+    ) -> list[tuple[list[int], list[float]]]:
+        """Sample `n` responses per prompt; returns (token ids, raw log-probs) per row, prompt-major."""
+        eos_id = self.tokenizer.eos_token_id
+        input_ids_BL, mask_BL, positions_BL = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
+        out = self.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
+                         use_cache=True, logits_to_keep=1)
+        cache, logits_BV = out.past_key_values, out.logits[:, -1]
+        if sampling.n > 1:  # one cache copy per sample, prompt-major
+            cache.batch_repeat_interleave(sampling.n)
+            logits_BV = logits_BV.repeat_interleave(sampling.n, dim=0)
+            mask_BL = mask_BL.repeat_interleave(sampling.n, dim=0)
+            positions_BL = positions_BL.repeat_interleave(sampling.n, dim=0)
+        rows = mask_BL.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logprobs: list[list[float]] = [[] for _ in range(rows)]
+        live_B = torch.arange(rows)  # original row index of each live batch row
+        next_position_B = positions_BL[:, -1] + 1
+        for step in range(sampling.max_new_tokens):
+            new_B, new_logprob_B = sample_next_tokens(logits_BV, sampling.temperature, sampling.top_p, generator)
+            for row, token, logprob in zip(live_B.tolist(), new_B.tolist(), new_logprob_B.tolist()):
+                tokens[row].append(token)
+                logprobs[row].append(logprob)
+            keep_B = new_B != eos_id
+            if step == sampling.max_new_tokens - 1 or not bool(keep_B.any()):
+                break
+            if not bool(keep_B.all()):  # drop finished rows from the batch and the cache
+                keep_idx = keep_B.nonzero().squeeze(-1)
+                live_B = live_B[keep_idx.cpu()]
+                new_B, next_position_B, mask_BL = new_B[keep_idx], next_position_B[keep_idx], mask_BL[keep_idx]
+                cache.batch_select_indices(keep_idx)
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones((mask_BL.shape[0], 1))], dim=-1)
+            out = self.model(input_ids=new_B[:, None], attention_mask=mask_BL, position_ids=next_position_B[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits_BV = out.past_key_values, out.logits[:, -1]
+            next_position_B = next_position_B + 1
+        return list(zip(tokens, logprobs))
+
+    def _row(self, prompt: dict, prompt_ids: list[int], sample_index: int, tokens: list[int], logprobs: list[float],
+             sampling: SamplingParams, run_id: str, iteration: int, checkpoint_id: str) -> dict:
+        stopped = bool(tokens) and tokens[-1] == self.tokenizer.eos_token_id
+        return {
+            "run_id": run_id,
+            "iteration": iteration,
+            "rollout_id": rollout_id(run_id, iteration, prompt["prompt_id"], sample_index),
+            "prompt_id": prompt["prompt_id"],
+            "domain": prompt["domain"],
+            "sample_index": sample_index,
+            "checkpoint_id": checkpoint_id,
+            "engine": self.name,
+            "prompt_token_ids": prompt_ids,
+            "response_token_ids": tokens,
+            "rollout_logprobs": logprobs,
+            "prompt_text": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+            "response_text": self.tokenizer.decode(tokens, skip_special_tokens=True),
+            "finish_reason": "stop" if stopped else "length",
+            "reward": None,
+        }

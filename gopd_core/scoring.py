@@ -1,0 +1,412 @@
+"""Score sampled responses: the log-prob of every response token under a teacher, reference or student.
+
+Shape suffixes: `_B` rows of a micro-batch, `_L` padded sequence positions, `_N` response tokens
+gathered from a micro-batch, `_H` hidden size, `_V` vocabulary.
+
+1. `response_logprobs` sorts rows by length and packs them into micro-batches of at most
+   `token_budget` padded tokens (rows * longest row), so a short row is never padded to the
+   longest row of the whole set.
+2. Each micro-batch is right-padded and run through the decoder only (no logits). The hidden states
+   that predict response tokens are gathered, and `lm_head` is applied to them in chunks: each
+   chunk's logits are upcast to fp32 for a logsumexp, and the chosen token's logit is gathered.
+   No (B, L, V) float32 log_softmax is ever built.
+3. `score_rollouts` streams rollout shards in chunks of `chunk_rows`, scores each chunk, and writes
+   one `scores` shard per chunk. An `_INPUTS.json` written first records what is being scored, and a
+   `_SUCCESS.json` written last makes a repeat call a no-op; after a crash, chunk shards already
+   written (for the same inputs) are kept and only the missing chunks are scored.
+4. Context distillation (`context="ground_truth"`): the teacher sees the prompt re-rendered with its
+   own chat template plus the ground truth as a reference solution; the student's response token ids
+   are scored unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from gopd_core.models import check_same_vocab, load_model, load_tokenizer, model_hash, render_prompt
+from storage.layout import RunLayout, write_json_atomic
+from storage.parquet import CorruptShardError, iter_batches, open_shard, write_shard
+from storage.schemas import ROLLOUTS, SCORES
+
+logger = logging.getLogger(__name__)
+
+Sequences = Sequence[tuple[Sequence[int], Sequence[int]]]
+
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per lm_head chunk: 128 MiB, e.g. 221 tokens of a 151k vocab
+INPUTS_MARKER = "_INPUTS.json"
+SUCCESS_MARKER = "_SUCCESS.json"
+ROLLOUT_COLUMNS = ["run_id", "iteration", "rollout_id", "prompt_id", "domain", "prompt_token_ids", "response_token_ids"]
+
+
+class ContextPromptError(KeyError):
+    """Context distillation needs a prompt row (with a ground truth) that is missing."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What one `score_rollouts` call left on disk."""
+
+    directory: Path
+    paths: tuple[Path, ...]
+    rows: int
+    model_hash: str
+    cache_hit: bool
+
+
+# -- core: per-token log-probs ------------------------------------------------------------------
+
+
+def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group row indices into micro-batches with rows * longest row <= token_budget.
+
+    Rows are taken longest first (an out-of-memory shows up on the first batch, not the last); a
+    single row longer than the budget gets a micro-batch of its own.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        current = batches[-1] if batches else None
+        if current and (len(current) + 1) * lengths[current[0]] <= token_budget:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's own forward does to `lm_head` output (Gemma softcap, Granite/Cohere scaling)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    divide = getattr(config, "logits_scaling", None)
+    multiply = getattr(config, "logit_scale", None)
+
+    def transform(logits_NV: torch.Tensor) -> torch.Tensor:
+        if divide is not None:
+            logits_NV = logits_NV / divide
+        if multiply is not None:
+            logits_NV = logits_NV * multiply
+        if softcap is not None:
+            logits_NV = torch.tanh(logits_NV / softcap) * softcap
+        return logits_NV
+
+    return transform
+
+
+def _selected_logprobs(
+    hidden_NH: torch.Tensor, targets_N: torch.Tensor, lm_head: torch.nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor], chunk_tokens: int,
+) -> torch.Tensor:
+    """log softmax(lm_head(h))[target] for each of N positions, fp32 (N,), chunk_tokens at a time."""
+    pieces = []
+    for start in range(0, hidden_NH.shape[0], chunk_tokens):
+        logits_nV = transform(lm_head(hidden_NH[start:start + chunk_tokens])).float()  # (n, V)
+        chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1)
+        pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
+    return torch.cat(pieces)
+
+
+def _pad_microbatch(
+    rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded inputs (prompt + response[:-1]) and where each response token is predicted.
+
+    Returns input_ids_BL, attention_mask_BL, and for the N response tokens of all rows in order:
+    row_N, position_N (the position whose hidden state predicts the token) and target_N.
+    """
+    inputs = [list(prompt) + list(response[:-1]) for prompt, response in rows]
+    longest = max(len(ids) for ids in inputs)
+    input_ids_BL = torch.zeros(len(rows), longest, dtype=torch.long)
+    attention_mask_BL = torch.zeros(len(rows), longest, dtype=torch.long)
+    row_N, position_N, target_N = [], [], []
+    for b, (ids, (prompt, response)) in enumerate(zip(inputs, rows, strict=True)):
+        input_ids_BL[b, :len(ids)] = torch.tensor(ids)
+        attention_mask_BL[b, :len(ids)] = 1
+        row_N.extend([b] * len(response))
+        position_N.extend(range(len(prompt) - 1, len(prompt) - 1 + len(response)))
+        target_N.extend(response)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return (input_ids_BL.to(device), attention_mask_BL.to(device), as_long(row_N), as_long(position_N),
+            as_long(target_N))
+
+
+def _check_sequences(sequences: Sequences, vocab_size: int) -> None:
+    for i, (prompt, response) in enumerate(sequences):
+        if response and not prompt:
+            raise ValueError(f"row {i} has an empty prompt: its first response token has no context to score")
+        ids = [*prompt, *response]
+        if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+            raise ValueError(
+                f"row {i} holds token id {max(ids) if max(ids) >= vocab_size else min(ids)} outside the "
+                f"model's vocabulary [0, {vocab_size}): were these ids made by another tokenizer?"
+            )
+
+
+@torch.inference_mode()
+def response_logprobs(
+    model: torch.nn.Module, sequences: Sequences, token_budget: int = 8192, dtype: torch.dtype | None = None,
+    *, logit_chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+) -> list[np.ndarray]:
+    """Log-prob of each response token under `model`, one float32 array (len(response),) per row.
+
+    sequences: (prompt_token_ids, response_token_ids) per row, in any order and of any lengths.
+    token_budget: most padded tokens (rows x longest row) per forward pass.
+    dtype: compute dtype; None runs in the model's own dtype, another dtype runs under
+        torch.autocast (e.g. bfloat16 matmuls over fp32 weights). The logsumexp is always fp32.
+    logit_chunk_elements: most logits (tokens x vocab) materialised at once.
+    """
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    _check_sequences(sequences, model.get_input_embeddings().num_embeddings)
+    device = next(model.parameters()).device
+    autocast = dtype is not None and dtype != next(model.parameters()).dtype
+    transform = _logit_transform(model.config)
+    chunk_tokens = max(1, logit_chunk_elements // lm_head.out_features)
+    results = [np.zeros(0, dtype=np.float32) for _ in sequences]
+    scored = [i for i, (_, response) in enumerate(sequences) if len(response)]
+    lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
+    for batch in plan_microbatches(lengths, token_budget):
+        rows = [sequences[scored[j]] for j in batch]
+        input_ids_BL, attention_mask_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            hidden_BLH = decoder(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
+                                 use_cache=False).last_hidden_state
+            logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
+                                            chunk_tokens)
+        per_row = logprobs_N.float().cpu().numpy()
+        offset = 0
+        for j in batch:
+            n = len(sequences[scored[j]][1])
+            results[scored[j]] = per_row[offset:offset + n].copy()
+            offset += n
+    return results
+
+
+# -- context distillation -----------------------------------------------------------------------
+
+
+def with_ground_truth(prompt_row: dict) -> list[dict]:
+    """The prompt's messages with its ground truth added to the last user message as a reference."""
+    ground_truth = prompt_row.get("ground_truth")
+    if ground_truth is None:
+        raise ContextPromptError(
+            f"prompt {prompt_row.get('prompt_id')!r} has no ground_truth: context distillation "
+            "(context='ground_truth') needs one for every scored prompt"
+        )
+    messages = [dict(message) for message in prompt_row["messages"]]
+    users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    reference = f"Reference solution: {ground_truth}"
+    if users:
+        messages[users[-1]]["content"] = f"{messages[users[-1]]['content']}\n\n{reference}"
+    else:
+        messages.append({"role": "user", "content": reference})
+    return messages
+
+
+# context mode -> how the teacher's messages are built from a prompts row
+CONTEXT_MODES: dict[str, Callable[[dict], list[dict]]] = {"ground_truth": with_ground_truth}
+
+
+def context_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt_row: dict, context: str) -> list[int]:
+    """Prompt token ids the context teacher sees: its own chat template over the augmented messages."""
+    return render_prompt(tokenizer, CONTEXT_MODES[context](prompt_row))
+
+
+def score_key(model_path: str | Path, context: str | None) -> str:
+    """Hash naming a score set: the weights hash, plus the context mode for context teachers."""
+    weights = model_hash(model_path)
+    if context is None:
+        return weights
+    return hashlib.sha256(f"{weights}|context={context}".encode()).hexdigest()[:16]
+
+
+# -- streaming rollouts -------------------------------------------------------------------------
+
+
+def rollout_chunks(shards: Sequence[Path], chunk_rows: int, domain: str | None) -> Iterator[pa.Table]:
+    """Rollout rows (only `domain`'s if given) in tables of exactly `chunk_rows` rows, the last shorter.
+
+    Streams: at most about 2 * chunk_rows rows are held. Chunk k is the same rows on every call.
+    """
+    pending: list[pa.Table] = []
+    held = 0
+    for batch in iter_batches(shards, ROLLOUTS, chunk_rows, columns=ROLLOUT_COLUMNS):
+        if domain is not None:
+            batch = batch.filter(pc.equal(batch.column("domain"), domain))
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= chunk_rows:
+            combined = pa.concat_tables(pending).combine_chunks()
+            yield combined.slice(0, chunk_rows)
+            pending, held = [combined.slice(chunk_rows)], held - chunk_rows
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def count_rollouts(shards: Sequence[Path], domain: str | None) -> int:
+    """Rows `rollout_chunks` will yield (reads only the domain column)."""
+    if domain is None:
+        return sum(open_shard(Path(path)).metadata.num_rows for path in shards)
+    return sum(int(pc.sum(pc.equal(batch.column("domain"), domain)).as_py() or 0)
+               for batch in iter_batches(shards, ROLLOUTS, 65536, columns=["domain"]))
+
+
+def _chunk_sequences(
+    chunk: pa.Table, tokenizer: PreTrainedTokenizerBase, context: str | None,
+    prompts: dict[str, dict] | None, rendered: dict[str, list[int]],
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) to score for each rollout row; context prompts are cached in `rendered`."""
+    responses = chunk.column("response_token_ids").to_pylist()
+    if context is None:
+        return list(zip(chunk.column("prompt_token_ids").to_pylist(), responses, strict=True))
+    prompt_ids = []
+    for prompt_id in chunk.column("prompt_id").to_pylist():
+        if prompt_id not in rendered:
+            if prompt_id not in prompts:
+                raise ContextPromptError(
+                    f"prompt {prompt_id!r} of a rollout is not in `prompts`: pass the run's prompt rows "
+                    "so the context teacher can see each prompt's ground truth"
+                )
+            rendered[prompt_id] = context_prompt_ids(tokenizer, prompts[prompt_id], context)
+        prompt_ids.append(rendered[prompt_id])
+    return list(zip(prompt_ids, responses, strict=True))
+
+
+# -- score sets on disk -------------------------------------------------------------------------
+
+
+def _shard_holds(path: Path, rollout_ids: list[str]) -> bool:
+    """True if `path` is a readable scores shard for exactly these rollouts, in this order."""
+    if not path.exists():
+        return False
+    try:
+        stored = open_shard(path).read(columns=["rollout_id"]).column("rollout_id").to_pylist()
+    except (CorruptShardError, pa.ArrowInvalid, OSError):
+        return False
+    return stored == rollout_ids
+
+
+def _inputs_identity(
+    shards: Sequence[Path], model_path: str | Path, key: str, role: str, domain: str | None,
+    context: str | None, chunk_rows: int,
+) -> dict:
+    """What a score set is computed from; a set is reused only for an equal identity."""
+    stamps = [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in shards]
+    return {"rollout_shards": stamps, "model_id": str(model_path), "model_hash": key, "role": role,
+            "domain": domain, "context": context, "chunk_rows": chunk_rows}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _cached_result(directory: Path, identity: dict) -> ScoreResult | None:
+    """The finished score set in `directory` if it was made from `identity` and is all there."""
+    done = _read_json(directory / SUCCESS_MARKER)
+    if done is None or done.get("inputs") != identity:
+        return None
+    paths = tuple(directory / name for name in done["shards"])
+    if not all(path.exists() for path in paths):
+        return None
+    return ScoreResult(directory, paths, int(done["rows"]), identity["model_hash"], cache_hit=True)
+
+
+def _start_or_resume(directory: Path, identity: dict) -> None:
+    """Keep chunk shards of an interrupted call with the same inputs; otherwise clear stale ones."""
+    (directory / SUCCESS_MARKER).unlink(missing_ok=True)
+    if _read_json(directory / INPUTS_MARKER) != identity:
+        for stale in directory.glob("part-*.parquet"):
+            stale.unlink()
+    write_json_atomic(directory / INPUTS_MARKER, identity)
+
+
+def _scores_table(chunk: pa.Table, logprobs: list[np.ndarray], role: str, domain: str | None,
+                  model_id: str, key: str) -> pa.Table:
+    rows = chunk.num_rows
+    return pa.table({
+        "run_id": chunk.column("run_id"),
+        "iteration": chunk.column("iteration"),
+        "rollout_id": chunk.column("rollout_id"),
+        "role": pa.array([role] * rows, pa.string()),
+        "domain": pa.array([domain] * rows, pa.string()),
+        "model_id": pa.array([model_id] * rows, pa.string()),
+        "model_hash": pa.array([key] * rows, pa.string()),
+        "logprobs": pa.array([values.tolist() for values in logprobs], pa.list_(pa.float32())),
+    })
+
+
+def _check_arguments(role: str, domain: str | None, context: str | None, prompts, chunk_rows: int) -> None:
+    if not role or "/" in role:
+        raise ValueError(f"role must be a non-empty name without '/', got {role!r}")
+    if domain is not None and (not domain or "/" in domain or domain.startswith((".", "_"))):
+        raise ValueError(f"domain {domain!r} cannot name a directory: use letters, digits, '-', not starting with '.' or '_'")
+    if context is not None and context not in CONTEXT_MODES:
+        raise ValueError(f"unknown context mode {context!r}; choose one of {sorted(CONTEXT_MODES)} or None")
+    if context is not None and prompts is None:
+        raise ValueError(f"context={context!r} needs `prompts` (prompt_id -> prompts row with ground_truth)")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def score_rollouts(
+    layout: RunLayout, iteration: int, rollout_shards: list[Path], model_path: str | Path, role: str, *,
+    domain: str | None = None, context: str | None = None, prompts: dict[str, dict] | None = None,
+    student_tokenizer_path: str | Path | None = None, chunk_rows: int = 256, token_budget: int = 8192,
+    device: str = "cpu", dtype: torch.dtype | None = None, progress: bool = True,
+) -> ScoreResult:
+    """Score every response token of `rollout_shards` with `model_path`; write one scores shard per chunk.
+
+    Shards go to `layout.scores_dir(iteration, role, key)/part-{k:05d}.parquet` (under a further
+    `domain=<domain>/` when `domain` is given, so one model may teach several domains), where key is
+    the weights hash (plus the context mode for context teachers). Raises VocabularyMismatchError,
+    before writing anything, if the scorer's vocabulary differs from `student_tokenizer_path`'s.
+    """
+    _check_arguments(role, domain, context, prompts, chunk_rows)
+    tokenizer = load_tokenizer(model_path)
+    if student_tokenizer_path is not None:
+        check_same_vocab(load_tokenizer(student_tokenizer_path), tokenizer, f"{role} model {model_path}")
+    key = score_key(model_path, context)
+    directory = layout.scores_dir(iteration, role, key)
+    directory = directory / f"domain={domain}" if domain is not None else directory
+    identity = _inputs_identity(rollout_shards, model_path, key, role, domain, context, chunk_rows)
+    cached = _cached_result(directory, identity)
+    if cached is not None:
+        logger.info("%s scores of %d rows already in %s (cache hit)", role, cached.rows, directory)
+        return cached
+    _start_or_resume(directory, identity)
+    model, rendered, paths, rows = None, {}, [], 0
+    bar = tqdm(total=count_rollouts(rollout_shards, domain), unit="row", desc=f"score {role}", disable=not progress)
+    for k, chunk in enumerate(rollout_chunks(rollout_shards, chunk_rows, domain)):
+        path = directory / f"part-{k:05d}.parquet"
+        rollout_ids = chunk.column("rollout_id").to_pylist()
+        if not _shard_holds(path, rollout_ids):
+            if model is None:
+                model = load_model(model_path, dtype=dtype, device=device)
+            sequences = _chunk_sequences(chunk, tokenizer, context, prompts, rendered)
+            logprobs = response_logprobs(model, sequences, token_budget, dtype)
+            write_shard(_scores_table(chunk, logprobs, role, domain, str(model_path), key), path, SCORES)
+        paths.append(path)
+        rows += chunk.num_rows
+        bar.update(chunk.num_rows)
+    bar.close()
+    write_json_atomic(directory / SUCCESS_MARKER,
+                      {"inputs": identity, "rows": rows, "shards": [path.name for path in paths]})
+    logger.info("scored %d rollouts (iteration %d, role %s, domain %s) with %s -> %d shard(s) in %s",
+                rows, iteration, role, domain or "all", model_path, len(paths), directory)
+    return ScoreResult(directory, tuple(paths), rows, key, cache_hit=False)
