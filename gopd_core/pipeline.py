@@ -1,0 +1,194 @@
+"""The stages of one G-OPD iteration as plain functions (no Prefect): each writes to the store and
+returns where. The Prefect flows in `flows/` wrap these one-to-one.
+
+    prepare_run -> rollout_stage -> score_stage -> update_stage -> evaluate_stage
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from gopd_core.config import RunConfig, save_config
+from gopd_core.evaluation import evaluate_checkpoint, score_samples
+from gopd_core.models import model_hash
+from gopd_core.rollout import SamplingParams, open_engine
+from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
+from storage.datasets import load_prompts
+from storage.layout import RunLayout
+from storage.parquet import write_shard
+from storage.readers import read_prompts, rollout_shards
+from storage.schemas import EVALS, PROMPTS, ROLLOUTS, UPDATES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One scoring pass: `model` scores the rollouts of `domain` (None = all) in `role`."""
+
+    role: str
+    model: Path
+    domain: str | None = None
+    context: str | None = None
+
+
+def prepare_run(config: RunConfig) -> RunLayout:
+    """Create the run directory: validated config as JSON, prompt datasets copied into the store."""
+    config.check_paths()
+    layout = RunLayout.under(config.storage_root, config.run_id)
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.config_path)
+    for split, paths in (("train", config.data.train), ("test", config.data.test)):
+        if paths:
+            tables = [load_prompts(p) for p in paths]
+            write_shard(pa.concat_tables(tables), layout.prompts_path(split), PROMPTS)
+    return layout
+
+
+def _engine_options(backend: str, device: str) -> dict:
+    return {"device": device} if backend == "hf" else {}
+
+
+def select_prompts(prompts: list[dict], iteration: int, count: int, seed: int) -> list[dict]:
+    """Deterministic epoch-wise shuffled slice of prompts for `iteration` (cycles through the set)."""
+    chosen = []
+    position = iteration * count
+    while len(chosen) < count:
+        epoch, offset = divmod(position, len(prompts))
+        order = np.random.default_rng(seed + epoch).permutation(len(prompts))
+        take = min(count - len(chosen), len(prompts) - offset)
+        chosen.extend(prompts[i] for i in order[offset: offset + take])
+        position += take
+    return chosen
+
+
+def rollout_stage(layout: RunLayout, iteration: int, checkpoint: Path, *, prompts_per_iteration: int,
+                  sampling: SamplingParams, backend: str = "hf", seed: int = 0, device: str = "cpu") -> Path:
+    """Sample the iteration's rollouts from `checkpoint`, verify rewards, write one shard; returns its directory."""
+    prompts = read_prompts(layout, "train").to_pylist()
+    chosen = select_prompts(prompts, iteration, prompts_per_iteration, seed)
+    sampling = SamplingParams(**{**sampling.__dict__, "seed": seed * 100003 + iteration})
+    with open_engine(backend, checkpoint, **_engine_options(backend, device)) as engine:
+        rows = engine.generate(chosen, sampling, run_id=layout.run_id, iteration=iteration,
+                               checkpoint_id=checkpoint_id(checkpoint))
+    rewards = score_samples(rows, {p["prompt_id"]: p for p in chosen})
+    for row, reward in zip(rows, rewards):
+        row["reward"] = reward
+    path = write_shard(rows, layout.rollouts_dir(iteration) / "part-00000.parquet", ROLLOUTS)
+    log.info("rollout it%d: %d responses from %s, mean reward %.3f -> %s", iteration, len(rows),
+             checkpoint, sum(rewards) / max(1, len(rewards)), path)
+    return path.parent
+
+
+def checkpoint_id(checkpoint: Path) -> str:
+    """A short readable id: the checkpoint directory name plus its content hash prefix."""
+    return f"{Path(checkpoint).name}@{model_hash(checkpoint)[:8]}"
+
+
+def plan_scorers(config: RunConfig, checkpoint: Path, domains: list[str]) -> list[Scorer]:
+    """Student (current weights), each domain's teacher, and the configured reference."""
+    models = config.models
+    context = None if models.teacher_context == "none" else models.teacher_context
+    teacher_role = "teacher" if context is None else "context-teacher"
+    scorers = [Scorer("student", Path(checkpoint))]
+    teacher_of = {d: Path(models.teacher_for(d)) for d in sorted(domains)}
+    if len(set(teacher_of.values())) == 1 and context is None:
+        scorers.append(Scorer(teacher_role, next(iter(teacher_of.values())), None, None))
+    else:
+        scorers.extend(Scorer(teacher_role, path, d, context) for d, path in teacher_of.items())
+    scorers.append(Scorer(models.reference_role(), Path(models.reference_path())))
+    return scorers
+
+
+def score_stage(layout: RunLayout, iteration: int, scorers: list[Scorer], *, student_tokenizer: Path,
+                token_budget: int = 8192, chunk_rows: int = 256, device: str = "cpu") -> dict[str, str]:
+    """Score the iteration's rollouts with every scorer; returns {"role[:domain]": "model_hash"}."""
+    from gopd_core.scoring import score_rollouts
+
+    shards = rollout_shards(layout, iteration)
+    prompts = {p["prompt_id"]: p for p in read_prompts(layout, "train").to_pylist()}
+    written = {}
+    for scorer in scorers:
+        result = score_rollouts(layout, iteration, shards, scorer.model, scorer.role, domain=scorer.domain,
+                                context=scorer.context, prompts=prompts, student_tokenizer_path=student_tokenizer,
+                                chunk_rows=chunk_rows, token_budget=token_budget, device=device)
+        key = scorer.role if scorer.domain is None else f"{scorer.role}:{scorer.domain}"
+        written[key] = result.model_hash
+    return written
+
+
+def score_sets_from(written: dict[str, str]) -> ScoreSets:
+    """Turn `score_stage`'s {"role[:domain]": hash} into the update's `ScoreSets`."""
+    teachers, student, reference = {}, None, None
+    for key, digest in written.items():
+        role, _, domain = key.partition(":")
+        if role == "student":
+            student = (role, digest)
+        elif role in ("teacher", "context-teacher"):
+            teachers[domain or "default"] = (role, digest)
+        elif role in ("reference", "teacher-base"):
+            reference = (role, digest)
+    if student is None or not teachers:
+        raise ValueError(f"scores are missing the student or a teacher: {sorted(written)}")
+    return ScoreSets(student=student, teachers=teachers, reference=reference)
+
+
+def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str],
+                 config: RunConfig) -> Path:
+    """The lam-weighted policy update; writes the checkpoint and the updates table, returns the checkpoint."""
+    update = config.update
+    new_checkpoint, step_rows = update_policy(
+        layout, iteration, checkpoint, score_sets_from(written), reward_scale=update.reward_scale,
+        reference_role=config.models.reference_role(),
+        loss_settings=LossSettings(update.clip_low, update.clip_high, update.is_threshold, update.aggregation),
+        optimizer_settings=OptimizerSettings(update.lr, update.weight_decay, update.warmup_steps,
+                                             update.max_grad_norm),
+        minibatches=update.minibatches, micro_token_budget=update.micro_token_budget, seed=config.seed,
+        device=config.device)
+    write_shard(step_rows, layout.updates_path(iteration), UPDATES)
+    return new_checkpoint
+
+
+def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, config: RunConfig) -> Path:
+    """Evaluate `checkpoint` on the run's test prompts, one benchmark per domain; returns the evals shard."""
+    tests = read_prompts(layout, "test").to_pylist()
+    if not tests:
+        raise ValueError(f"run {layout.run_dir} has no test prompts (data.test is empty)")
+    benchmarks: dict[str, list[dict]] = {}
+    for prompt in tests:
+        benchmarks.setdefault(f"{prompt['domain']}/test", []).append(prompt)
+    benchmarks = {name: rows[: config.data.eval_prompts] for name, rows in sorted(benchmarks.items())}
+    cid = checkpoint_id(checkpoint)
+    rows = evaluate_checkpoint(
+        checkpoint, benchmarks, run_id=layout.run_id, iteration=iteration, checkpoint_id=cid,
+        n_samples=config.eval.n_samples, k=config.eval.k, temperature=config.eval.temperature,
+        max_new_tokens=config.sampling.max_new_tokens, backend=config.backend, seed=config.seed,
+        device=config.device)
+    return write_shard(rows, layout.evals_path(cid), EVALS)
+
+
+def read_run_config(layout: RunLayout) -> RunConfig:
+    from gopd_core.config import parse_config
+
+    return parse_config(json.loads(layout.config_path.read_text()), source=str(layout.config_path))
+
+
+def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, decode=str):
+    """Resume point: return what a completed `stage` recorded, else run `work()` and record its result.
+
+    The marker is written only after `work` finished writing, so a killed stage simply runs again
+    (its writers replace or skip complete shards, never duplicate rows).
+    """
+    done = layout.done_info(iteration, stage)
+    if done is not None:
+        log.info("%s of iteration %d already complete, skipping (%s)", stage, iteration, done["result"])
+        return decode(done["result"])
+    result = work()
+    layout.mark_done(iteration, stage, {"result": encode(result)})
+    return result

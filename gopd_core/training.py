@@ -1,0 +1,266 @@
+"""The lam-weighted policy update of one iteration, from stored rollouts and scores to a checkpoint.
+
+1. Read the iteration's rollouts and the score sets named by `ScoreSets` (student = the trainer's
+   log-probs before the update, each domain's teacher, the reference).
+2. Advantages A_t = lam * (teacher - ref) - (student - ref) per token (`objectives.gopd_advantages`,
+   the row's own domain teacher via `select_teacher_logprobs`).
+3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
+   padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine.
+4. Save the new weights (HF dir, safetensors) + optimizer state atomically; return per-step metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gopd_core.models import load_model, load_tokenizer
+from gopd_core.objectives import gopd_advantages, policy_loss, select_teacher_logprobs
+from storage.layout import RunLayout, atomic_directory
+from storage.readers import MissingScoresError, read_rollouts, read_score_map
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class ScoreSets:
+    """Which stored score sets feed the advantage: (role, model_hash) pairs."""
+
+    student: tuple[str, str]
+    teachers: dict[str, tuple[str, str]]  # domain ("default" serves all) -> (role, hash)
+    reference: tuple[str, str] | None = None
+
+
+@dataclass
+class UpdateRows:
+    """Token-level training inputs of one iteration (lists of 1-D arrays, one per rollout)."""
+
+    input_ids: list[np.ndarray]
+    response_start: list[int]
+    old_logprobs: list[np.ndarray]
+    rollout_logprobs: list[np.ndarray]
+    advantages: list[np.ndarray]
+    reference_logprobs: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _pad(rows: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def _lookup(score_map: dict[str, np.ndarray], rollout_id: str, what: str, length: int) -> np.ndarray:
+    if rollout_id not in score_map:
+        raise MissingScoresError(f"{what} has no score for rollout {rollout_id}")
+    values = score_map[rollout_id]
+    if len(values) != length:
+        raise ValueError(f"{what} scored {len(values)} tokens of rollout {rollout_id}, which has {length}")
+    return values
+
+
+def build_update_rows(layout: RunLayout, iteration: int, score_sets: ScoreSets, reward_scale: float) -> UpdateRows:
+    """Join rollouts with their score sets and compute per-token G-OPD advantages."""
+    rollouts = read_rollouts(layout, iteration, ["rollout_id", "domain", "prompt_token_ids",
+                                                 "response_token_ids", "rollout_logprobs"]).to_pylist()
+    rollouts = [r for r in rollouts if r["response_token_ids"]]
+    student = read_score_map(layout, iteration, *score_sets.student)
+    teacher_maps = {d: read_score_map(layout, iteration, *key) for d, key in score_sets.teachers.items()}
+    reference = read_score_map(layout, iteration, *score_sets.reference) if score_sets.reference else None
+    lengths = [len(r["response_token_ids"]) for r in rollouts]
+    width = max(lengths, default=1)
+    student_rows = [_lookup(student, r["rollout_id"], "student", n) for r, n in zip(rollouts, lengths)]
+    row_domains = [r["domain"] if r["domain"] in teacher_maps else "default" for r in rollouts]
+    teacher_by_domain = {}
+    for domain, score_map in teacher_maps.items():
+        teacher_by_domain[domain] = _pad([
+            _lookup(score_map, r["rollout_id"], f"teacher[{domain}]", n) if d == domain else np.zeros(n, np.float32)
+            for r, n, d in zip(rollouts, lengths, row_domains)], width)
+    reference_rows = ([_lookup(reference, r["rollout_id"], "reference", n) for r, n in zip(rollouts, lengths)]
+                      if reference is not None else [None] * len(rollouts))
+    student_BT = _pad(student_rows, width)
+    teacher_BT = select_teacher_logprobs(teacher_by_domain, row_domains) if rollouts else student_BT
+    reference_BT = _pad(reference_rows, width) if reference is not None else None
+    advantages_BT = gopd_advantages(student_BT, teacher_BT, reference_BT, reward_scale=reward_scale)
+    return UpdateRows(
+        input_ids=[np.asarray(r["prompt_token_ids"] + r["response_token_ids"], dtype=np.int64) for r in rollouts],
+        response_start=[len(r["prompt_token_ids"]) for r in rollouts],
+        old_logprobs=student_rows,
+        rollout_logprobs=[np.asarray(r["rollout_logprobs"], dtype=np.float32) for r in rollouts],
+        advantages=[advantages_BT[i, :n].numpy() for i, n in enumerate(lengths)],
+        reference_logprobs=reference_rows,
+    )
+
+
+def pack_by_token_budget(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group row indices (sorted by length) so that rows * longest <= token_budget per group."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and (len(current) + 1) * lengths[index] > token_budget:
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor,
+                   response_start_B: torch.Tensor, width: int) -> torch.Tensor:
+    """Log-probs (B, T=width) of tokens at positions start..start+T-1, computing logits only there."""
+    hidden_BLH = model.get_decoder()(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
+    offsets_T = torch.arange(width, device=input_ids_BL.device)
+    target_pos_BT = (response_start_B[:, None] + offsets_T[None, :]).clamp(max=input_ids_BL.shape[1] - 1)
+    hidden_BTH = hidden_BLH.gather(1, (target_pos_BT - 1)[..., None].expand(-1, -1, hidden_BLH.shape[-1]))
+    logits_BTV = model.get_output_embeddings()(hidden_BTH).float()
+    targets_BT = input_ids_BL.gather(1, target_pos_BT)
+    chosen_BT = logits_BTV.gather(-1, targets_BT[..., None]).squeeze(-1)
+    return chosen_BT - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str, torch.Tensor]:
+    lengths = [len(rows.input_ids[i]) for i in indices]
+    response_lengths = [len(rows.advantages[i]) for i in indices]
+    width = max(response_lengths)
+    input_ids = np.zeros((len(indices), max(lengths)), dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    for j, i in enumerate(indices):
+        input_ids[j, : lengths[j]] = rows.input_ids[i]
+        attention[j, : lengths[j]] = 1
+    mask_BT = _pad([np.ones(n, np.float32) for n in response_lengths], width)
+    batch = {
+        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+        "response_start": torch.tensor([rows.response_start[i] for i in indices]), "mask": mask_BT,
+        "old": _pad([rows.old_logprobs[i] for i in indices], width),
+        "rollout": _pad([rows.rollout_logprobs[i] for i in indices], width),
+        "advantages": _pad([rows.advantages[i] for i in indices], width),
+    }
+    if rows.reference_logprobs and rows.reference_logprobs[0] is not None:
+        batch["reference"] = _pad([rows.reference_logprobs[i] for i in indices], width)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    is_threshold: float = 5.0
+    aggregation: str = "token-mean"
+
+
+def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: OptimizerSettings):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    state_path = Path(model_path) / OPTIMIZER_FILE
+    global_step = 0
+    if state_path.exists():
+        optimizer.load_state_dict(torch.load(state_path, weights_only=True))
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr
+            group["weight_decay"] = settings.weight_decay
+        trainer_state = Path(model_path) / TRAINER_STATE_FILE
+        if trainer_state.exists():
+            global_step = json.loads(trainer_state.read_text()).get("global_step", 0)
+    return optimizer, global_step
+
+
+def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], loss_settings: LossSettings,
+                    token_budget: int, device: str) -> dict[str, float]:
+    """One optimizer step accumulated over micro-batches; returns the step's token-weighted metrics."""
+    total_tokens = sum(len(rows.advantages[i]) for i in minibatch)
+    per_seq = loss_settings.aggregation != "token-mean"
+    sums: dict[str, float] = {}
+    lengths = [len(rows.input_ids[i]) for i in minibatch]
+    for group in pack_by_token_budget(lengths, token_budget):
+        indices = [minibatch[g] for g in group]
+        batch = _micro_batch(rows, indices, device)
+        logprobs_BT = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_start"],
+                                     batch["mask"].shape[1])
+        loss, metrics = policy_loss(
+            logprobs_BT, batch["old"], batch["advantages"], batch["mask"], loss_settings.clip_low,
+            loss_settings.clip_high, batch["rollout"], loss_settings.is_threshold, loss_settings.aggregation,
+            reference_logprobs=batch.get("reference"))
+        share = len(indices) / len(minibatch) if per_seq else metrics["tokens"] / total_tokens
+        (loss * share).backward()
+        for name, value in metrics.items():
+            weight = metrics["tokens"] if name != "tokens" else 1.0
+            sums[name] = sums.get(name, 0.0) + value * weight
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
+    averaged = {k: (v / total_tokens if k not in ("tokens", "loss") else v) for k, v in sums.items()}
+    averaged["sequences"] = len(minibatch)
+    return averaged
+
+
+def update_policy(
+    layout: RunLayout, iteration: int, model_path: str | Path, score_sets: ScoreSets, *, reward_scale: float,
+    reference_role: str = "reference", loss_settings: LossSettings = LossSettings(),
+    optimizer_settings: OptimizerSettings = OptimizerSettings(), minibatches: int = 1,
+    micro_token_budget: int = 4096, seed: int = 0, device: str = "cpu", progress: bool = True,
+) -> tuple[Path, list[dict]]:
+    """Run one iteration's update and write checkpoint `layout.checkpoint_dir(iteration)`.
+
+    Returns (checkpoint path, one metrics dict per optimizer step, in the `updates` schema).
+    """
+    rows = build_update_rows(layout, iteration, score_sets, reward_scale)
+    if not rows.input_ids:
+        raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
+    torch.manual_seed(seed + iteration)
+    model = load_model(model_path, dtype=torch.float32, device=device).train()
+    optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings)
+    order = np.random.default_rng(seed + iteration).permutation(len(rows.input_ids)).tolist()
+    minibatch_list = [order[i::minibatches] for i in range(minibatches) if order[i::minibatches]]
+    step_rows = []
+    for step, minibatch in enumerate(tqdm(minibatch_list, desc=f"update it{iteration}", disable=not progress)):
+        started = time.perf_counter()
+        lr = optimizer_settings.lr * min(1.0, (global_step + 1) / max(1, optimizer_settings.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optimizer_settings.max_grad_norm).item()
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at iteration {iteration} step {step}")
+        optimizer.step()
+        global_step += 1
+        step_rows.append({
+            "run_id": layout.run_id, "iteration": iteration, "step": step, "reward_scale": reward_scale,
+            "reference_role": reference_role, "loss": metrics["loss"], "clip_fraction": metrics["clip_fraction"],
+            "is_weight_mean": metrics["is_weight_mean"], "advantage_mean": metrics["advantage_mean"],
+            "approx_kl": metrics["approx_kl"], "grad_norm": grad_norm, "lr": lr, "tokens": int(metrics["tokens"]),
+            "sequences": int(metrics["sequences"]), "wall_s": time.perf_counter() - started,
+        })
+    checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step)
+    log.info("update it%d: %d steps, loss %.4f, wrote %s", iteration, len(step_rows), step_rows[-1]["loss"], checkpoint)
+    return checkpoint, step_rows
+
+
+def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent: str | Path, global_step: int) -> Path:
+    """HF directory (safetensors + tokenizer) + optimizer state, renamed into place as a whole."""
+    final = layout.checkpoint_dir(iteration)
+    with atomic_directory(final) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        load_tokenizer(parent).save_pretrained(str(staging))
+        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        (staging / TRAINER_STATE_FILE).write_text(json.dumps({
+            "global_step": global_step, "iteration": iteration, "run_id": layout.run_id, "parent": str(parent)}))
+    return final
