@@ -52,7 +52,7 @@ def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[st
 @task(**TASK_POLICY)
 def evaluate(layout: RunLayout, checkpoint: Path, updates_done: int, config: RunConfig) -> str:
     return pipeline.run_once(layout, updates_done, "evaluate", lambda: pipeline.evaluate_stage(
-        layout, checkpoint, updates_done, config))
+        layout, checkpoint, updates_done, **pipeline.eval_settings(config)))
 
 
 @task(**TASK_POLICY)

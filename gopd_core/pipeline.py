@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gopd_core.config import RunConfig, save_config
+from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
 from gopd_core.models import model_hash
 from gopd_core.rollout import SamplingParams, open_engine
@@ -43,12 +43,22 @@ def prepare_run(config: RunConfig) -> RunLayout:
     config.check_paths()
     layout = RunLayout.under(config.storage_root, config.run_id)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
+    if layout.config_path.exists():
+        _check_same_run(json.loads(layout.config_path.read_text()), json.loads(config.model_dump_json()), layout)
     save_config(config, layout.config_path)
     for split, paths in (("train", config.data.train), ("test", config.data.test)):
         if paths:
             tables = [load_prompts(p) for p in paths]
             write_shard(pa.concat_tables(tables), layout.prompts_path(split), PROMPTS)
     return layout
+
+
+def _check_same_run(stored: dict, current: dict, layout: RunLayout) -> None:
+    """A rerun of a run id must use the same config (only `iterations` may grow), or resuming would mix data."""
+    changed = sorted(k for k in set(stored) | set(current) if k != "iterations" and stored.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(f"run {layout.run_dir} already exists with a different config ({', '.join(changed)} "
+                          "changed); use a new run_id, or the same config to resume")
 
 
 def _engine_options(backend: str, device: str) -> dict:
@@ -155,7 +165,9 @@ def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: d
     return new_checkpoint
 
 
-def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, config: RunConfig) -> Path:
+def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, *, n_samples: int = 4, k: int = 4,
+                   temperature: float = 0.7, max_new_tokens: int = 48, eval_prompts: int = 64, backend: str = "hf",
+                   seed: int = 0, device: str = "cpu") -> Path:
     """Evaluate `checkpoint` on the run's test prompts, one benchmark per domain; returns the evals shard."""
     tests = read_prompts(layout, "test").to_pylist()
     if not tests:
@@ -163,14 +175,24 @@ def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, c
     benchmarks: dict[str, list[dict]] = {}
     for prompt in tests:
         benchmarks.setdefault(f"{prompt['domain']}/test", []).append(prompt)
-    benchmarks = {name: rows[: config.data.eval_prompts] for name, rows in sorted(benchmarks.items())}
+    benchmarks = {name: rows[:eval_prompts] for name, rows in sorted(benchmarks.items())}
     cid = checkpoint_id(checkpoint)
     rows = evaluate_checkpoint(
-        checkpoint, benchmarks, run_id=layout.run_id, iteration=iteration, checkpoint_id=cid,
-        n_samples=config.eval.n_samples, k=config.eval.k, temperature=config.eval.temperature,
-        max_new_tokens=config.sampling.max_new_tokens, backend=config.backend, seed=config.seed,
-        device=config.device)
+        checkpoint, benchmarks, run_id=layout.run_id, iteration=iteration, checkpoint_id=cid, n_samples=n_samples,
+        k=k, temperature=temperature, max_new_tokens=max_new_tokens, backend=backend, seed=seed, device=device)
     return write_shard(rows, layout.evals_path(cid), EVALS)
+
+
+def eval_settings(config: RunConfig) -> dict:
+    """`evaluate_stage` keyword arguments from a run config."""
+    return {"n_samples": config.eval.n_samples, "k": config.eval.k, "temperature": config.eval.temperature,
+            "max_new_tokens": config.sampling.max_new_tokens, "eval_prompts": config.data.eval_prompts,
+            "backend": config.backend, "seed": config.seed, "device": config.device}
+
+
+def store_test_prompts(layout: RunLayout, paths: list[Path]) -> None:
+    """Write prompt datasets as the run's test split (for evaluation-only runs)."""
+    write_shard(pa.concat_tables([load_prompts(p) for p in paths]), layout.prompts_path("test"), PROMPTS)
 
 
 def read_run_config(layout: RunLayout) -> RunConfig:
