@@ -47,7 +47,7 @@ def prepare_run(config: RunConfig) -> RunLayout:
         _check_same_run(json.loads(layout.config_path.read_text()), json.loads(config.model_dump_json()), layout)
     save_config(config, layout.config_path)
     for split, paths in (("train", config.data.train), ("test", config.data.test)):
-        if paths:
+        if paths and not layout.prompts_path(split).exists():  # a resumed run keeps its stored prompts
             tables = [load_prompts(p) for p in paths]
             write_shard(pa.concat_tables(tables), layout.prompts_path(split), PROMPTS)
     return layout

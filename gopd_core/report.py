@@ -11,7 +11,7 @@ ITERATION_METRICS_SQL = """
 WITH r AS (SELECT iteration, avg(reward) AS reward, count(*) AS rollouts,
                   avg(len(response_token_ids)) AS response_tokens FROM rollouts GROUP BY iteration),
 u AS (SELECT iteration, avg(advantage_mean) AS advantage, avg(approx_kl) AS kl_to_reference,
-             avg(clip_fraction) AS clip_fraction, avg(loss) AS loss, sum(tokens) AS tokens,
+             avg(clip_fraction) AS clip_fraction, avg(loss) AS loss, CAST(sum(tokens) AS BIGINT) AS tokens,
              sum(wall_s) AS update_s FROM updates GROUP BY iteration)
 SELECT r.iteration, r.rollouts, r.reward, r.response_tokens, u.advantage, u.kl_to_reference,
        u.clip_fraction, u.loss, u.tokens, u.update_s

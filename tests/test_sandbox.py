@@ -6,6 +6,7 @@ test cannot pass just because nothing ran.
 """
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,32 +15,52 @@ from pathlib import Path
 import pytest
 
 from gopd_core.verify.code import verify_code, verify_code_batch
-from gopd_core.verify.sandbox import SANDBOX_UID_MAX, SANDBOX_UID_MIN, isolation_mode, run_untrusted
+from gopd_core.verify.sandbox import (
+    SANDBOX_UID_MAX,
+    SANDBOX_UID_MIN,
+    isolation_mode,
+    processes_of_uid,
+    run_untrusted,
+)
 
 PROJECT_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
 NAMESPACE = isolation_mode() == "namespace"
 HOOK_MODES = [pytest.param(True, id="hook"), pytest.param(False, id="os_layers_only")]
 
 
-def _sandbox_processes() -> list[str]:
-    """Host processes that belong to a sandbox run: its uid range, or its script in the cmdline."""
-    found = []
+def _children_of_this_test() -> list[int]:
+    """Live processes whose parent is this pytest process (the sandbox launchers it started)."""
+    children = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
         try:
-            status = Path(f"/proc/{entry}/status").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{entry}/stat").read_bytes() if entry.isdigit() else b""
         except OSError:
             continue
-        uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
-        if SANDBOX_UID_MIN <= uid < SANDBOX_UID_MAX or "gopd-sandbox" in cmdline or "4242.5" in cmdline:
-            found.append(f"{entry}: uid={uid} {cmdline}")
+        if stat and int(stat[stat.rfind(b")") + 2 :].split()[1]) == os.getpid():
+            children.append(int(entry))
+    return children
+
+
+def _leftovers(result) -> list[int]:
+    """Processes left by a run whose first stdout line is its uid (other sessions may run sandboxes too)."""
+    uid = int(result.stdout.split()[0])
+    own = processes_of_uid(uid) if SANDBOX_UID_MIN <= uid < SANDBOX_UID_MAX else []
+    return own + _children_of_this_test()
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes() if entry.isdigit() else b""
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(entry))
     return found
 
 
-def _process_count() -> int:
-    return sum(entry.isdigit() for entry in os.listdir("/proc"))
+PRINT_UID = "import os\nprint(os.getuid(), flush=True)\n"
 
 
 def test_namespace_jail_is_used_where_it_works():
@@ -49,7 +70,9 @@ def test_namespace_jail_is_used_where_it_works():
     probe = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare does not work here: {probe.stderr!r}")
-    result = run_untrusted("import os; print(os.getuid(), os.getcwd(), sorted(os.listdir('/')))", audit_hook=False)
+    result = run_untrusted(
+        "import os; print(os.getuid(), os.getcwd(), sorted(os.listdir('/')))", audit_hook=False
+    )
     assert isolation_mode() == "namespace"
     assert {"namespaces", "chroot", "uid_drop", "rlimits", "session_kill"} <= set(result.layers)
     uid, cwd, *_ = result.stdout.split(maxsplit=2)
@@ -77,21 +100,20 @@ def test_infinite_loop_is_killed_by_the_cpu_limit(audit_hook):
 
 
 def test_sleeping_code_is_killed_by_the_wall_limit():
-    result = run_untrusted("import time\ntime.sleep(60)", wall_seconds=1)
+    result = run_untrusted(PRINT_UID + "import time\ntime.sleep(60)", wall_seconds=1)
     assert result.reason == "timeout" and result.exit_code is None
     assert result.wall_s < 2
-    assert _sandbox_processes() == []
+    assert _leftovers(result) == []
 
 
 @pytest.mark.parametrize("audit_hook", HOOK_MODES)
 def test_fork_bomb_is_contained(audit_hook):
     if not audit_hook and not NAMESPACE:
         pytest.skip("without namespaces or a uid drop, only the audit hook stops a fork bomb")
-    before = _process_count()
-    result = run_untrusted("import os\nwhile True:\n    os.fork()", wall_seconds=5, audit_hook=audit_hook)
+    before = _children_of_this_test()
+    result = run_untrusted(PRINT_UID + "while True:\n    os.fork()", wall_seconds=5, audit_hook=audit_hook)
     assert not result.ok and result.wall_s < 5
-    assert _sandbox_processes() == []
-    assert _process_count() <= before + 5  # other tools may start a few processes meanwhile
+    assert before == [] and _leftovers(result) == []
 
 
 @pytest.mark.parametrize("audit_hook", HOOK_MODES)
@@ -167,26 +189,34 @@ def test_network_is_unreachable(audit_hook):
 def test_background_processes_do_not_outlive_the_run(audit_hook):
     if not audit_hook and not NAMESPACE:
         pytest.skip("without namespaces only the audit hook and the subreaper contain daemons")
-    code = (
-        "import os, subprocess, time\n"
+    marker = f"4242.{secrets.randbelow(10**6)}"  # an argument of sleep that only this run uses
+    code = PRINT_UID + (
+        "import time\n"
         "try:\n"
-        "    subprocess.Popen(['/bin/sleep', '4242.5'], start_new_session=True)\n"
+        "    import subprocess\n"
+        f"    popen = subprocess.Popen(['/bin/sleep', '{marker}'], start_new_session=True)\n"
+        "    time.sleep(0.2)\n"
+        "    print('popen running', popen.poll() is None)\n"
         "except Exception as exc:\n"
         "    print('popen refused', exc)\n"
         "try:\n"
-        "    if os.fork() == 0:\n"
+        "    middle = os.fork()\n"
+        "    if middle == 0:\n"
         "        os.setsid()\n"
         "        if os.fork() == 0:\n"
-        "            time.sleep(30)\n"
+        f"            os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
         "        os._exit(0)\n"
+        "    print('daemon forked', os.waitpid(middle, 0)[1] == 0)\n"
         "except Exception as exc:\n"
         "    print('fork refused', exc)\n"
         "print('parent done')\n"
     )
     result = run_untrusted(code, wall_seconds=5, audit_hook=audit_hook)
     assert "parent done" in result.stdout
+    if not audit_hook:  # positive control: both escapes really started
+        assert "popen running True" in result.stdout and "daemon forked True" in result.stdout
     assert result.wall_s < 3  # a daemon holding our stdout pipe would stall the run until the wall limit
-    assert _sandbox_processes() == []
+    assert _leftovers(result) == [] and _processes_with(marker) == []
 
 
 def test_disk_filling_file_is_stopped_by_the_file_size_limit():
@@ -221,10 +251,14 @@ def test_process_isolation_fallback_still_contains():
     assert fork.reason == "forbidden" and "forked" not in fork.stdout
     assert read.reason == "forbidden" and "setuptools" not in read.stdout
     assert flood.reason == "output_limit"
-    assert _sandbox_processes() == []
+    assert _children_of_this_test() == []
 
 
-TESTS = [{"input": [1, 2], "output": 3}, {"input": [2.5, 0.25], "output": 2.75}, {"input": [[1], [2]], "output": [1, 2]}]
+TESTS = [
+    {"input": [1, 2], "output": 3},
+    {"input": [2.5, 0.25], "output": 2.75},
+    {"input": [[1], [2]], "output": [1, 2]},
+]
 
 
 def test_correct_code_passes():
@@ -234,7 +268,9 @@ def test_correct_code_passes():
 
 
 def test_wrong_code_fails_per_case():
-    verdict = verify_code("```python\ndef f(a, b):\n    return a * 2 if isinstance(a, int) else a + b\n```", TESTS)
+    verdict = verify_code(
+        "```python\ndef f(a, b):\n    return a * 2 if isinstance(a, int) else a + b\n```", TESTS
+    )
     assert not verdict.passed and verdict.reason == "wrong_answer"
     assert [case.reason for case in verdict.cases] == ["wrong_answer", "passed", "passed"]
     assert verdict.cases[0].detail == "got 2"
@@ -262,7 +298,7 @@ def test_printed_fake_results_cannot_pass():
         "source = open(sys.argv[0]).read()\n"
         "marker = source.split('_MARKER = ')[1].split('\\n')[0].strip(\"'\")\n"
         "def f(a, b):\n"
-        "    print('\\n' + marker + '{\"i\": 0, \"status\": \"returned\", \"value\": 999}')\n"
+        '    print(\'\\n\' + marker + \'{"i": 0, "status": "returned", "value": 999}\')\n'
         "    raise SystemExit\n"
     )
     verdict = verify_code(forger, TESTS)

@@ -3,7 +3,7 @@
 A hidden function comes from a small family (x+a, x*a+b, a-x, x%a, max(x,a), x*x+a, ...). The
 prompt shows `VISIBLE_EXAMPLES` of its input/output pairs:
 
-    Write a Python function f: f(2)=7, f(5)=16, f(0)=1
+    Write Python f: f(2)=7, f(5)=16, f(0)=1
 
 The demonstration is `def f(x): return x*3+1`. The ground truth (JSON) holds the visible and
 `HIDDEN_TESTS` further cases as [{"input": [x], "output": y}, ...], checked by the sandboxed
@@ -95,5 +95,5 @@ def make_example(rng: random.Random) -> dict:
     target = evaluate(body)
     shown = ", ".join(f"f({x})={target(x)}" for x in visible)
     tests = [{"input": [x], "output": target(x)} for x in [*visible, *hidden]]
-    prompt = f"Write a Python function f: {shown}"
+    prompt = f"Write Python f: {shown}"
     return {"prompt": prompt, "ground_truth": json.dumps(tests), "demonstration": demonstration(body), "key": prompt}

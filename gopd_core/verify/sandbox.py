@@ -47,7 +47,17 @@ LOGGER = logging.getLogger(__name__)
 SANDBOX_UID_MIN = 1_000_000
 SANDBOX_UID_MAX = 2_000_000
 REASONS = frozenset(
-    {"ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit", "file_limit", "forbidden", "killed"}
+    {
+        "ok",
+        "error",
+        "timeout",
+        "cpu_limit",
+        "memory_limit",
+        "output_limit",
+        "file_limit",
+        "forbidden",
+        "killed",
+    }
 )
 _JAIL_SCRIPT = Path(__file__).with_name("jail.py")
 _PRELUDE_SCRIPT = Path(__file__).with_name("prelude.py")
@@ -120,7 +130,9 @@ def _namespaces_work() -> bool:
         LOGGER.warning("sandbox: namespace jail unavailable (%s); using process isolation", exc)
         return False
     if probe.stdout != "ok\n":
-        LOGGER.warning("sandbox: namespace probe failed (%s: %s); using process isolation", probe.reason, probe.stderr)
+        LOGGER.warning(
+            "sandbox: namespace probe failed (%s: %s); using process isolation", probe.reason, probe.stderr
+        )
     return probe.stdout == "ok\n"
 
 
@@ -307,6 +319,49 @@ def _read_status(path: Path) -> dict | None:
     return status
 
 
+def _launcher_command(mode: str, config_path: Path) -> list[str]:
+    command = [_interpreter(), "-I", "-S", "-B", str(_JAIL_SCRIPT), str(config_path)]
+    return [_unshare_binary() or "unshare", *_UNSHARE_FLAGS, *command] if mode == "namespace" else command
+
+
+def _launch(
+    command: list[str],
+    scratch: Path,
+    stdin_bytes: bytes,
+    deadline: float,
+    max_output_bytes: int,
+    uid: int | None,
+) -> tuple[bytes, bytes, str | None]:
+    """Start the launcher, pump its pipes until EOF or a limit, then kill everything the run left.
+
+    Returns (stdout, stderr, limit_hit) with limit_hit "timeout", "output_limit" or None.
+    """
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=scratch,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr, limit_hit = _pump(proc, stdin_bytes, deadline, max_output_bytes)
+        if limit_hit is None:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                limit_hit = "timeout"
+    finally:
+        _kill_group(proc.pid)
+        if uid is not None:
+            _kill_uid(uid)
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+    return stdout, stderr, limit_hit
+
+
 def _check_limits(cpu_seconds: float, wall_seconds: float, memory_mb: int, max_processes: int) -> None:
     if cpu_seconds <= 0 or wall_seconds <= 0:
         raise ValueError(f"cpu_seconds and wall_seconds must be > 0, got {cpu_seconds}, {wall_seconds}")
@@ -358,32 +413,14 @@ def run_untrusted(
         paths = _prepare_dir(scratch, code, mode, uid)
         config_path = scratch / "launcher.json"
         config_path.write_text(json.dumps(_launcher_config(scratch, paths, mode, uid, audit_hook, limits)))
-        command = [_interpreter(), "-I", "-S", "-B", str(_JAIL_SCRIPT), str(config_path)]
-        if mode == "namespace":
-            command = [_unshare_binary() or "unshare", *_UNSHARE_FLAGS, *command]
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=scratch,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            start_new_session=True,
+        stdout, stderr, limit_hit = _launch(
+            _launcher_command(mode, config_path),
+            scratch,
+            stdin.encode(),
+            started + wall_seconds,
+            max_output_bytes,
+            uid,
         )
-        try:
-            stdout, stderr, limit_hit = _pump(proc, stdin.encode(), started + wall_seconds, max_output_bytes)
-            if limit_hit is None:
-                try:
-                    proc.wait(timeout=max(0.0, started + wall_seconds - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    limit_hit = "timeout"
-        finally:
-            _kill_group(proc.pid)
-            if uid is not None:
-                _kill_uid(uid)
-            proc.wait()
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                stream.close()
         status = _read_status(scratch / "status.json")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
