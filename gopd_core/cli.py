@@ -196,6 +196,27 @@ def zoo_build(
     console.print(f"zoo ready in {directory}: {', '.join(sorted(manifest.get('models', {})))}")
 
 
+@app.command()
+def doctor(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    fix: bool = typer.Option(False, "--quarantine", help="Move broken shards to _quarantine/ (good ones untouched)."),
+) -> None:
+    """List every problem in a run directory: unreadable shards, checkpoints without weights, stale temporaries."""
+    from storage.doctor import diagnose, quarantine
+
+    problems = diagnose(run_dir)
+    if not problems:
+        console.print(f"{run_dir}: no problems found")
+        return
+    print_table(["kind", "path", "detail"], [(p.kind, str(p.path), p.detail) for p in problems],
+                title=f"{len(problems)} problem(s) in {run_dir}")
+    if fix:
+        moved = quarantine(run_dir, problems)
+        console.print(f"quarantined {len(moved)} item(s) under {run_dir / '_quarantine'}; rerun the flow to rebuild them")
+    else:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,7 @@ def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, de
     if done is not None:
         log.info("%s of iteration %d already complete, skipping (%s)", stage, iteration, done["result"])
         return decode(done["result"])
+    started = time.perf_counter()
     result = work()
-    layout.mark_done(iteration, stage, {"result": encode(result)})
+    layout.mark_done(iteration, stage, {"result": encode(result), "wall_s": time.perf_counter() - started})
     return result

@@ -186,12 +186,9 @@ def response_logprobs(
                                  use_cache=False).last_hidden_state
             logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
                                             chunk_tokens)
-        per_row = logprobs_N.float().cpu().numpy()
-        offset = 0
-        for j in batch:
-            n = len(sequences[scored[j]][1])
-            results[scored[j]] = per_row[offset:offset + n].copy()
-            offset += n
+        ends = np.cumsum([len(response) for _, response in rows])[:-1]
+        for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
+            results[scored[j]] = values
     return results
 
 

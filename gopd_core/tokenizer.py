@@ -1,15 +1,16 @@
 """A real Hugging Face tokenizer for the zoo, built from scratch with `tokenizers`.
 
-Character-level over printable ASCII plus chat special tokens, so every zoo model (student,
-teachers, bases) shares one vocabulary and a Qwen-style chat template.
+Byte-level BPE (the GPT-2 / Qwen scheme) with no merges: every byte is one token, plus chat special
+tokens and a Qwen-style chat template. Byte-level means any text encodes without unknown tokens, and
+loaders that rebuild a Qwen2/GPT-2 style tokenizer from vocab + merges (AutoTokenizer for a Qwen2
+config, vLLM) get exactly the same ids. Every zoo model shares this vocabulary.
 """
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -21,20 +22,32 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE, in byte order (GPT-2's bytes-to-unicode map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    symbols = {}
+    extra = 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level fast tokenizer: 3 specials + printable ASCII and newline."""
-    characters = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    """Byte-level tokenizer: 3 special tokens + 256 byte tokens (vocabulary of 259)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for character in characters:
-        vocab.setdefault(character, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    for symbol in byte_symbols():
+        vocab[symbol] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -9,7 +9,7 @@ per line and boxes the result:
     36-4=32
     \\boxed{32}
 
-Every intermediate value stays within `MAX_ABS_VALUE`, so answers are short for char-level models.
+Every intermediate value stays within [0, MAX_VALUE], so answers are short for char-level models.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 OPERATORS = ("+", "-", "*")
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-MAX_ABS_VALUE = 99
+MAX_VALUE = 20
 OPERATION_COUNTS = (2, 2, 3)  # two operations twice as often as three
 
 
@@ -62,14 +62,14 @@ def render_expression(operands: tuple[int, ...], operators: tuple[str, ...]) -> 
 
 
 def sample_problem(rng: random.Random) -> ArithmeticProblem:
-    """Draw a problem whose intermediate values all stay within +-MAX_ABS_VALUE (rejection sampling)."""
+    """Draw a problem whose intermediate values all stay within [0, MAX_VALUE] (rejection sampling)."""
     while True:
         n_operations = rng.choice(OPERATION_COUNTS)
         problem = ArithmeticProblem(
             operands=tuple(rng.randint(1, 9) for _ in range(n_operations + 1)),
             operators=tuple(rng.choice(OPERATORS) for _ in range(n_operations)),
         )
-        if all(abs(step[3]) <= MAX_ABS_VALUE for step in problem.steps):
+        if all(0 <= step[3] <= MAX_VALUE for step in problem.steps):
             return problem
 
 

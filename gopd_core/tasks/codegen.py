@@ -79,7 +79,7 @@ def sample_problem(rng: random.Random) -> tuple[str, list[int], list[int]]:
         family = FAMILIES[rng.choice(sorted(FAMILIES))]
         body = family.body({name: rng.choice(values) for name, values in family.ranges.items()})
         target = evaluate(body)
-        visible = rng.sample(list(VISIBLE_INPUTS), VISIBLE_EXAMPLES)
+        visible = [0, *rng.sample(list(VISIBLE_INPUTS)[1:], VISIBLE_EXAMPLES - 1)]
         hidden = rng.sample([x for x in HIDDEN_INPUTS if x not in visible], HIDDEN_TESTS)
         if is_well_posed(visible, hidden, target):
             return body, visible, hidden
