@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+# Our own stages show one progress bar each; per-file "Loading weights" bars would drown them.
+hf_logging.disable_progress_bar()
 
 
 class ModelPathError(FileNotFoundError):

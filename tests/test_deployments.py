@@ -38,7 +38,7 @@ RUN_TIMEOUT_S = 300
 STOP_GRACE_S = 20
 
 pytestmark = [
-    pytest.mark.slow,  # ~2.5 minutes: server start, deploy, and a worker that starts a flow-run process
+    pytest.mark.slow,  # 75-120 s on 2 cores: server start, deploy, a worker that starts a flow-run process
     pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc for sockets and processes"),
     pytest.mark.timeout(900),
 ]
@@ -49,7 +49,6 @@ class PrefectServer:
     api_url: str
     port: int
     env: dict[str, str]  # for CLI subprocesses: isolated PREFECT_HOME, this server's API
-    home: Path
 
 
 def free_port() -> int:
@@ -160,7 +159,7 @@ def server(tmp_path_factory) -> Iterator[PrefectServer]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                GOPD_PROJECT_DIR=str(ROOT))
-    server = PrefectServer(api_url, port, env, home)
+    server = PrefectServer(api_url, port, env)
     log_path = home / "server.log"
     # no scheduler: it would queue distill/nightly runs that a worker started near 02:00 UTC could pick up
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),

@@ -32,7 +32,8 @@ def test_model_dirs_load_with_auto_classes_and_carry_a_card(tiny_zoo, name):
     # the char-level vocabulary survives the round trip, whitespace and newlines included
     text = "7+5=12\n\\boxed{12} ok"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
-    assert render_prompt(tokenizer, [{"role": "user", "content": "hi"}])[-1] == tokenizer.convert_tokens_to_ids("\n")
+    rendered = tokenizer.decode(render_prompt(tokenizer, [{"role": "user", "content": "hi"}]))
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     card = read_card(path)
     assert card["name"] == name and card["preset"] == "tiny" and card["seed"] == 0
     assert card["parameters"] == sum(p.numel() for p in model.parameters())

@@ -27,6 +27,7 @@ import atexit
 import hashlib
 import importlib.metadata
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -76,7 +77,7 @@ class VLLMEngine(EngineBase):
             # torch.compile on CPU costs minutes of startup and a C++ toolchain; tiny models gain nothing
             llm_options.setdefault("enforce_eager", True)
         self.tokenizer = load_tokenizer(model_path)
-        self.checkpoint_id = model_path.name
+        self.model_path, self.checkpoint_id = model_path, model_path.name
         self.request_timeout_s = request_timeout_s
         self.close_timeout_s = close_timeout_s
         options = {
@@ -108,6 +109,8 @@ class VLLMEngine(EngineBase):
         """Rows of the ROLLOUTS schema, `sampling.n` per prompt, ordered by (prompt, sample_index)."""
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.n < 1 or sampling.max_new_tokens < 1:
             raise ValueError(f"invalid sampling parameters: {sampling}")
+        if not prompts:
+            return []
         prompt_ids = [render_prompt(self.tokenizer, row["messages"]) for row in prompts]
         self._check_lengths(prompts, prompt_ids, sampling.max_new_tokens)
         request = {
@@ -128,7 +131,7 @@ class VLLMEngine(EngineBase):
         """Reload a checkpoint of the same architecture in place; its directory name becomes the checkpoint id."""
         model_path = check_model_dir(model_path)
         self._request("load_weights", str(model_path), timeout_s=self.request_timeout_s)
-        self.checkpoint_id = model_path.name
+        self.model_path, self.checkpoint_id = model_path, model_path.name
 
     def close(self) -> None:
         """Shut the worker down (idempotent): ask politely, then kill its process group after a timeout."""
@@ -176,7 +179,8 @@ class VLLMEngine(EngineBase):
             kind, message, trace = result
             if command == "start":
                 self.close()
-            raise VLLMWorkerError(f"vLLM worker failed during {command!r}: {kind}: {message}\n"
+            model = payload if command == "load_weights" else self.model_path
+            raise VLLMWorkerError(f"vLLM worker failed during {command!r} with model {model}: {kind}: {message}\n"
                                   f"--- worker traceback ---\n{trace}")
         return result
 
@@ -379,13 +383,24 @@ def _shutdown(llm) -> None:
 
 def _send_error(conn, err: BaseException) -> None:
     try:
-        conn.send(("error", (type(err).__name__, str(err), traceback.format_exc())))
+        kind = type(err).__qualname__
+        if type(err).__module__ != "builtins":
+            kind = f"{type(err).__module__}.{kind}"
+        conn.send(("error", (kind, str(err), traceback.format_exc())))
     except OSError:
         pass
 
 
 def _exit(code: int) -> None:
-    """Leave without running interpreter teardown, where vLLM is known to hang."""
+    """Leave without the interpreter teardown, where vLLM is known to hang.
+
+    Only multiprocessing's own exit finalizers run first: they release the named semaphore vLLM
+    holds, which the parent's resource tracker would otherwise report as leaked.
+    """
+    try:
+        multiprocessing.util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
