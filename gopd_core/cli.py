@@ -98,6 +98,7 @@ def run(
     from flows.distill import distill
     from gopd_core.config import load_config
     from gopd_core.demo import demo_config, ensure_zoo
+    from gopd_core.pipeline import check_run
     from gopd_core.report import before_after
     from storage.layout import RunLayout
 
@@ -114,7 +115,7 @@ def run(
             node[leaf] = value
         run_dir = distill(config=raw)
     else:
-        load_config(config, overrides)  # validate before Prefect starts
+        check_run(load_config(config, overrides))  # refuse bad input before Prefect starts or anything is written
         run_dir = distill(config_path=str(config), overrides=overrides)
     layout = RunLayout(Path(run_dir))
     rows = before_after(layout)
@@ -208,8 +209,10 @@ def doctor(
     if not problems:
         console.print(f"{run_dir}: no problems found")
         return
-    print_table(["kind", "path", "detail"], [(p.kind, str(p.path), p.detail) for p in problems],
-                title=f"{len(problems)} problem(s) in {run_dir}")
+    console.print(f"{len(problems)} problem(s) in {run_dir}:")
+    for problem in problems:  # one line each, never truncated: the path is what the user acts on
+        console.print(f"{problem.kind} {problem.path}: {problem.detail}", soft_wrap=True, markup=False,
+                      highlight=False)
     if fix:
         moved = quarantine(run_dir, problems)
         console.print(f"quarantined {len(moved)} item(s) under {run_dir / '_quarantine'}; rerun the flow to rebuild them")

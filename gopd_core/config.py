@@ -96,7 +96,8 @@ class UpdateConfig(_Frozen):
 
 
 class DataConfig(_Frozen):
-    train: list[Path] = Field(description="Prompt datasets (Parquet in verl/gopd format, or JSONL) to sample from.")
+    train: list[Path] = Field(min_length=1,
+                              description="Prompt datasets (Parquet in verl/gopd format, or JSONL) to sample from.")
     test: list[Path] = Field(default_factory=list, description="Held-out prompt datasets for evaluation.")
     prompts_per_iteration: int = Field(32, ge=1)
     eval_prompts: int = Field(64, ge=1, description="Max test prompts per dataset per evaluation.")

@@ -71,7 +71,9 @@ def gopd_advantages(
         raise ValueError(f"reward_scale={reward_scale} != 1 needs reference_logprobs (the reference no longer cancels)")
     check_finite("reference_logprobs", reference_logprobs_BT)
     reference_BT = reference_logprobs_BT.detach()
-    return reward_scale * (teacher_BT - reference_BT) - (student_BT - reference_BT)
+    advantages_BT = reward_scale * (teacher_BT - reference_BT) - (student_BT - reference_BT)
+    check_finite(f"advantages at reward_scale={reward_scale}", advantages_BT)  # a huge lam overflows the dtype
+    return advantages_BT
 
 
 def select_teacher_logprobs(
@@ -118,6 +120,8 @@ def _seq_mean_token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.
     return per_seq_B[has_tokens_B].sum() / has_tokens_B.sum().clamp(min=1)
 
 
+MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: far past any clip range, far below float32 overflow
+
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
@@ -155,7 +159,8 @@ def policy_loss(
             check_finite(name, tensor.detach())
     mask_BT = mask.to(logprobs.dtype)
     advantages_BT = advantages.detach()
-    log_ratio_BT = logprobs - old_logprobs.detach()
+    # Clamped so that far-apart log-probs (or junk under the mask) give a huge, finite ratio, not inf/NaN.
+    log_ratio_BT = (logprobs - old_logprobs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio_BT = torch.exp(log_ratio_BT)
     unclipped_BT = -advantages_BT * ratio_BT
     clipped_BT = -advantages_BT * torch.clamp(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
@@ -168,7 +173,7 @@ def policy_loss(
 
     with torch.no_grad():
         kl_base_BT = reference_logprobs.detach() if reference_logprobs is not None else old_logprobs.detach()
-        delta_BT = kl_base_BT - logprobs.detach()
+        delta_BT = (kl_base_BT - logprobs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         approx_kl_BT = torch.exp(delta_BT) - delta_BT - 1.0
         metrics = {
             "clip_fraction": _token_mean((clipped_BT > unclipped_BT).to(mask_BT.dtype), mask_BT).item(),

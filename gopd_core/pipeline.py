@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from transformers import AutoConfig
 
 from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
-from gopd_core.models import model_hash
+from gopd_core.models import check_same_vocab, load_tokenizer, model_hash, render_prompt
 from gopd_core.rollout import SamplingParams, open_engine
+from gopd_core.rollout.hf import PromptTooLongError
 from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
 from storage.datasets import load_prompts
 from storage.layout import RunLayout
@@ -39,18 +41,52 @@ class Scorer:
     context: str | None = None
 
 
+def check_run(config: RunConfig) -> dict[str, pa.Table]:
+    """Everything about a run that can be refused before a byte is written; returns prompts by split.
+
+    Model and dataset paths exist, every dataset loads, every prompt domain has a teacher, every
+    scorer shares the student's vocabulary, and every prompt plus `max_new_tokens` fits the
+    student's context window. A bad input found mid-run would leave rows behind.
+    """
+    config.check_paths()
+    prompts = {split: pa.concat_tables([load_prompts(p) for p in paths])
+               for split, paths in (("train", config.data.train), ("test", config.data.test)) if paths}
+    domains = sorted(set(prompts["train"].column("domain").to_pylist()))  # test-only domains need no teacher
+    scorers = {Path(config.models.teacher_for(d)): f"teacher of domain {d!r}" for d in domains}  # raises if none
+    scorers.setdefault(Path(config.models.reference_path()), "reference")
+    student = load_tokenizer(config.models.student)
+    for path, role in scorers.items():
+        check_same_vocab(student, load_tokenizer(path), f"{role} model {path}")
+    _check_prompt_lengths(student, config, prompts)
+    return prompts
+
+
+def _check_prompt_lengths(tokenizer, config: RunConfig, prompts: dict[str, pa.Table]) -> None:
+    context = getattr(AutoConfig.from_pretrained(str(config.models.student)), "max_position_embeddings", None)
+    if context is None:
+        return
+    budget = int(context) - config.sampling.max_new_tokens
+    for split, table in prompts.items():
+        for row in table.select(["prompt_id", "messages"]).to_pylist():
+            length = len(render_prompt(tokenizer, row["messages"]))
+            if length > budget:
+                raise PromptTooLongError(
+                    f"{split} prompt {row['prompt_id']!r} has {length} tokens, but the student's context of "
+                    f"{context} leaves only {budget} after sampling.max_new_tokens={config.sampling.max_new_tokens}; "
+                    "shorten the prompt or lower max_new_tokens")
+
+
 def prepare_run(config: RunConfig) -> RunLayout:
     """Create the run directory: validated config as JSON, prompt datasets copied into the store."""
-    config.check_paths()
+    prompts = check_run(config)
     layout = RunLayout.under(config.storage_root, config.run_id)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     if layout.config_path.exists():
         _check_same_run(json.loads(layout.config_path.read_text()), json.loads(config.model_dump_json()), layout)
     save_config(config, layout.config_path)
-    for split, paths in (("train", config.data.train), ("test", config.data.test)):
-        if paths and not layout.prompts_path(split).exists():  # a resumed run keeps its stored prompts
-            tables = [load_prompts(p) for p in paths]
-            write_shard(pa.concat_tables(tables), layout.prompts_path(split), PROMPTS)
+    for split, table in prompts.items():
+        if not layout.prompts_path(split).exists():  # a resumed run keeps its stored prompts
+            write_shard(table, layout.prompts_path(split), PROMPTS)
     return layout
 
 

@@ -155,7 +155,7 @@ def rl_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: d
 def train_rl(
     model: torch.nn.Module, tokenizer, prompt_rows: Sequence[dict], rewards: RewardCache, steps: int,
     prompts_per_step: int, group_size: int, lr: float, seed: int, max_new_tokens: int,
-    log: Callable[[str], None] = LOGGER.info, epochs: int = 1, min_advantage: float | None = None,
+    log: Callable[[str], None] = LOGGER.info, epochs: int = 1, min_advantage: float | None = None, warmup: int = 1,
 ) -> dict[str, float]:
     """GRPO-style RL with verifiable rewards; returns {"mean_reward_first", "mean_reward_last"}."""
     rng = random.Random(seed)
@@ -175,6 +175,8 @@ def train_rl(
         if min_advantage is not None:
             advantages_N = advantages_N.clamp(min=min_advantage)
         informative = [i for i in range(len(rollouts)) if abs(float(advantages_N[i])) > 1e-6]
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
         if informative:  # groups with equal rewards carry no signal: skip their compute
             model.train()
             tensors = rl_batch([rollouts[i] for i in informative], advantages_N[informative], tokenizer.pad_token_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.parquet import CorruptShardError, conform
+from storage.parquet import CorruptShardError, SchemaMismatchError, conform
 from storage.schemas import PROMPTS
 
 
@@ -44,7 +44,10 @@ def load_prompts(path: str | Path, default_domain: str = DEFAULT_DOMAIN) -> pa.T
         if row["prompt_id"] in seen:
             raise DatasetError(f"prompt dataset {path}: duplicate prompt id {row['prompt_id']!r} at row {row_number}")
         seen.add(row["prompt_id"])
-    return conform(rows, PROMPTS, what=f"prompt dataset {path}")
+    try:
+        return conform(rows, PROMPTS, what=f"prompt dataset {path}")
+    except SchemaMismatchError as err:
+        raise DatasetError(str(err)) from err
 
 
 def _messages(value, path: Path, row: int, column: str) -> list[dict]:

@@ -42,7 +42,8 @@ def check_shard(path: Path, table: str) -> str | None:
             return f"lacks column(s) {missing}"
         shard.read()
     except (CorruptShardError, pa.ArrowException, OSError) as err:
-        return str(err).splitlines()[0]
+        cause = err.__cause__ if isinstance(err, CorruptShardError) and err.__cause__ else err  # path is listed apart
+        return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return None
 
 

@@ -2,7 +2,8 @@
 
 A shard is written to a hidden temporary file in its final directory, fsynced, then renamed into
 place: readers see either no file or the whole file. Writing the same shard path again replaces it,
-so a rerun never duplicates rows.
+so a rerun never duplicates rows. Every data page carries a CRC that readers verify, so flipped
+bytes on disk raise `CorruptShardError` instead of returning wrong numbers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def conform(rows: pa.Table | Sequence[dict], schema: pa.Schema, what: str) -> pa
     if not isinstance(rows, pa.Table):
         try:
             rows = pa.Table.from_pylist(list(rows), schema=schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as err:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, UnicodeEncodeError) as err:  # e.g. a lone surrogate
             raise SchemaMismatchError(f"{what}: rows do not fit the schema: {err}") from err
     missing = [name for name in schema.names if name not in rows.column_names]
     if missing:
@@ -54,7 +55,7 @@ def write_shard(rows: pa.Table | Sequence[dict], path: str | Path, schema: pa.Sc
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(tmp, path)
@@ -88,7 +89,7 @@ def list_shards(directory: str | Path) -> list[Path]:
 def open_shard(path: Path) -> pq.ParquetFile:
     """Open a shard, turning any read failure into `CorruptShardError` naming the file."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptShardError(f"cannot read Parquet shard {path}: {err}") from err
 

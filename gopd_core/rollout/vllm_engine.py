@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import importlib.metadata
+import logging
 import multiprocessing
 import multiprocessing.util
 import os
@@ -40,6 +41,8 @@ from pathlib import Path
 from gopd_core.models import check_model_dir, load_tokenizer, render_prompt
 from gopd_core.rollout import EngineBase, SamplingParams, rollout_id
 from gopd_core.rollout.hf import PromptTooLongError
+
+logger = logging.getLogger(__name__)
 
 
 class VLLMNotInstalledError(ImportError):
@@ -147,8 +150,7 @@ class VLLMEngine(EngineBase):
             pass
         finally:
             if process.is_alive():
-                print(f"vLLM worker {process.pid} did not exit in {self.close_timeout_s:.0f} s; killing it",
-                      file=sys.stderr)
+                logger.warning("vLLM worker %d did not exit in %.0f s; killing it", process.pid, self.close_timeout_s)
             if process.pid is not None:
                 # also reaps anything the worker started (vLLM's own engine/worker processes on a GPU)
                 _kill_group(process.pid)
@@ -163,18 +165,22 @@ class VLLMEngine(EngineBase):
         """Send one command and wait for its answer, watching that the worker stays alive."""
         if self._process is None:
             raise VLLMWorkerError("the vLLM engine is closed")
-        if command != "start":
-            self._conn.send((command, payload))
         deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(1.0):
-            if not self._process.is_alive():
-                exitcode = self._process.exitcode
-                self.close()
-                raise VLLMWorkerError(f"vLLM worker died (exit code {exitcode}) during {command!r}; see its log above")
-            if time.monotonic() > deadline:
-                self.close()
-                raise VLLMWorkerError(f"vLLM worker gave no answer to {command!r} within {timeout_s:.0f} s; killed it")
-        status, result = self._conn.recv()
+        try:
+            if command != "start":
+                self._conn.send((command, payload))
+            while not self._conn.poll(1.0):
+                if not self._process.is_alive():
+                    raise EOFError("the worker exited")
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise VLLMWorkerError(f"vLLM worker gave no answer to {command!r} within {timeout_s:.0f} s; killed it")
+            status, result = self._conn.recv()
+        except (OSError, EOFError) as err:  # the pipe broke: the worker is gone
+            self._process.join(5)
+            exitcode = self._process.exitcode
+            self.close()
+            raise VLLMWorkerError(f"vLLM worker died (exit code {exitcode}) during {command!r}; see its log above") from err
         if status == "error":
             kind, message, trace = result
             if command == "start":
@@ -251,7 +257,8 @@ def _worker_environment(cpu_build: bool) -> dict[str, str]:
             # Engine core in the worker itself: one process to start and stop instead of three
             # (saves ~60 s of imports on a 2-core box). vLLM's CPU thread binding needs its own
             # processes, so we size OpenMP here, before torch loads, leaving one core to the
-            # scheduling loop as vLLM's auto binding does. Oversubscribed OpenMP was 10x slower.
+            # scheduling loop as vLLM's auto binding does: with OpenMP on both of 2 cores,
+            # decoding was 10x slower.
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) - 1)),
         })
@@ -370,8 +377,9 @@ def _reload_in_place(worker, model_path: str) -> None:
             sharers.setdefault(weight.data_ptr(), []).append(module)
     with set_current_vllm_config(worker.vllm_config):
         for modules in sharers.values():
-            for module in modules if len(modules) > 1 else []:
-                module.quant_method.process_weights_after_loading(module)
+            if len(modules) > 1:  # one weight, several layers: e.g. lm_head tied to the embedding
+                for module in modules:
+                    module.quant_method.process_weights_after_loading(module)
 
 
 def _shutdown(llm) -> None:

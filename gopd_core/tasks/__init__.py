@@ -6,7 +6,8 @@ from input/output examples, `codegen.py`). Both are deterministic functions of a
 1. `make_split(domain, split, n, seed)` draws problems from a `random.Random` seeded by
    (domain, split, seed) and keeps those whose key hashes into `split`, so train and test never
    share a problem, whatever `n`.
-2. Rows follow the `PROMPTS` schema; `extra` (JSON) carries the demonstration answer used for SFT.
+2. Rows follow the `PROMPTS` schema; `extra` (JSON) carries the demonstration (a correct worked
+   answer, used for SFT).
 3. `verify(domain, response, ground_truth)` returns the reward (1.0 correct, 0.0 wrong) through
    `VERIFIERS`; `verify_batch` runs the code checks concurrently in the sandbox.
 """

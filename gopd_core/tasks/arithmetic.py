@@ -84,7 +84,7 @@ def demonstration(problem: ArithmeticProblem) -> str:
 
 
 def make_example(rng: random.Random) -> dict:
-    """Prompt text, ground truth (the integer as text) and demonstration of one fresh problem."""
+    """Prompt text, ground truth (the integer as text), and demonstration of one fresh problem."""
     problem = sample_problem(rng)
     return {
         "prompt": prompt_text(problem),

@@ -90,7 +90,7 @@ def demonstration(body: str) -> str:
 
 
 def make_example(rng: random.Random) -> dict:
-    """Prompt text, ground truth (JSON test cases) and demonstration of one fresh problem."""
+    """Prompt text, ground truth (JSON test cases), and demonstration of one fresh problem."""
     body, visible, hidden = sample_problem(rng)
     target = evaluate(body)
     shown = ", ".join(f"f({x})={target(x)}" for x in visible)

@@ -1,0 +1,127 @@
+"""Shared pieces of the reliability battery: a tiny world, run configs, counts, damage checks, a killable flow.
+
+Everything here works on real files written by the real flow; nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tiny import build_random_model, write_task_data
+
+from storage.catalog import open_catalog
+from storage.doctor import check_checkpoint, check_shard
+from storage.schemas import TABLES
+
+ROOT = Path(__file__).resolve().parents[2]
+COUNTED_TABLES = ("rollouts", "scores", "updates", "evals")
+
+
+@dataclass(frozen=True)
+class World:
+    """Tiny real models (shared byte-level vocabulary) and math + code prompt datasets."""
+
+    base: Path
+    models: dict[str, Path]
+    data: dict[str, list[Path]]
+
+
+def build_world(base: Path) -> World:
+    models = {
+        "student": build_random_model(base / "student", hidden=32, seed=1),
+        "teacher_math": build_random_model(base / "teacher-math", hidden=64, seed=2),
+        "teacher_code": build_random_model(base / "teacher-code", hidden=64, seed=3),
+    }
+    return World(base, models, write_task_data(base / "data", n_train=12, n_test=4))
+
+
+def make_config(world: World, run_id: str, root: Path | None = None, **changes) -> dict:
+    """The 2-iteration tiny distill config of tests/test_flows.py; `changes` set dotted keys."""
+    config = {
+        "run_id": run_id, "storage_root": str(root or world.base / "runs"), "iterations": 2, "seed": 0,
+        "score_chunk_rows": 4,
+        "models": {"student": str(world.models["student"]),
+                   "teachers": {"math": str(world.models["teacher_math"]), "code": str(world.models["teacher_code"])}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 10, "n": 2},
+        "update": {"reward_scale": 1.0, "lr": 1e-3, "minibatches": 2, "micro_token_budget": 256},
+        "data": {"train": [str(p) for p in world.data["train"]], "test": [str(p) for p in world.data["test"]],
+                 "prompts_per_iteration": 6, "eval_prompts": 2},
+        "eval": {"every": 2, "n_samples": 2, "k": 2, "temperature": 1.0},
+    }
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def table_counts(run_dir: Path) -> dict[str, int]:
+    con = open_catalog(run_dir)
+    return {t: con.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in COUNTED_TABLES}
+
+
+def checkpoint_steps(run_dir: Path) -> dict[str, int]:
+    """trainer_state.json global_step of every visible checkpoint, by directory name."""
+    return {d.name: json.loads((d / "trainer_state.json").read_text())["global_step"]
+            for d in sorted((run_dir / "checkpoints").glob("iteration=*"))}
+
+
+def visible_parquet(run_dir: Path) -> list[Path]:
+    """Every Parquet file a reader can see (hidden temporaries and _quarantine excluded)."""
+    return sorted(p for p in run_dir.rglob("*.parquet")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(run_dir).parts))
+
+
+def visible_damage(run_dir: Path) -> list[str]:
+    """What a reader could trip over: a visible shard that does not read in full, or a visible checkpoint
+    that is not complete. Hidden temporaries (`.name.tmp-*`, `.iteration=*.staging-*`) are allowed."""
+    damage = []
+    for path in visible_parquet(run_dir):
+        table = path.relative_to(run_dir).parts[0]
+        detail = check_shard(path, table) if table in TABLES else "not a known table"
+        if detail:
+            damage.append(f"{path}: {detail}")
+    for checkpoint in sorted((run_dir / "checkpoints").glob("iteration=*")):
+        detail = check_checkpoint(checkpoint)
+        if detail:
+            damage.append(f"{checkpoint}: {detail}")
+    return damage
+
+
+def hidden_temporaries(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.rglob(".*") if any(m in p.name for m in (".tmp-", ".staging-", ".old-")))
+
+
+DISTILL_SCRIPT = textwrap.dedent("""
+    import sys, yaml
+    from flows.distill import distill
+    distill(config=yaml.safe_load(open(sys.argv[1])))
+""")
+
+
+def start_flow(config: dict, api_url: str, log_path: Path) -> subprocess.Popen:
+    """The distill flow in its own process group (so one SIGKILL takes all of it), on the given Prefect API."""
+    config_path = log_path.with_suffix(".yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", DISTILL_SCRIPT, str(config_path)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -1,0 +1,174 @@
+"""Crash safety: a distill flow SIGKILLed at 20 points over its five stages resumes to exactly the
+row counts and checkpoint steps of an uninterrupted run, and no kill leaves a partial file visible.
+
+Four chains of five kills. A chain is one run id: start the flow in its own process group, wait
+until it is inside the chain's next target stage (stage outputs and completion markers appear on
+disk), wait a seeded random fraction of that stage's duration in the reference run, SIGKILL the
+group, check what a reader would see, and start it again for the next target. After the fifth kill
+the run resumes in-process to the end. Where each kill landed is read from the markers it left:
+the first step without a completion marker, "checkpoint" when that is an update whose checkpoint
+directory (hidden staging, or renamed but not yet recorded) was being written by the killed process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import (
+    checkpoint_steps,
+    hidden_temporaries,
+    kill_group,
+    make_config,
+    start_flow,
+    table_counts,
+    visible_damage,
+)
+
+from storage.catalog import run_query
+from storage.layout import RunLayout
+
+STAGES = ("rollout", "score", "update", "checkpoint", "evaluate")
+# Resumable steps of the 2-iteration run with completion markers, in flow order (evaluate before
+# any update and after the last; `evaluate` is keyed by updates done).
+MARKED = [("evaluate", 0), ("rollout", 0), ("score", 0), ("update", 0), ("rollout", 1), ("score", 1),
+          ("update", 1), ("evaluate", 2)]
+TARGET_ORDER = [("evaluate", 0), ("rollout", 0), ("score", 0), ("update", 0), ("checkpoint", 0), ("score", 1),
+                ("update", 1), ("checkpoint", 1), ("evaluate", 2)]
+CHAINS = 4
+SEED = 20260
+
+
+@dataclass(frozen=True)
+class Kill:
+    chain: int
+    target: tuple[str, int]
+    landed: tuple[str, int | None]
+    exit_code: int
+    hidden_temporaries: int
+    seconds: float
+
+
+def plan_chains(rng: random.Random) -> list[list[tuple[str, int]]]:
+    """One target per stage per chain (so 4 kills per stage), iterations drawn at random, in flow order."""
+    plans = []
+    for _ in range(CHAINS):
+        targets = [("evaluate", rng.choice([0, 2])), ("rollout", 0), ("score", rng.choice([0, 1])),
+                   ("update", rng.choice([0, 1])), ("checkpoint", rng.choice([0, 1]))]
+        plans.append(sorted(targets, key=TARGET_ORDER.index))
+    return plans
+
+
+def _newer(path: Path, since_ns: int) -> bool:
+    try:
+        return path.stat().st_mtime_ns > since_ns
+    except FileNotFoundError:
+        return False
+
+
+def _new_staging(layout: RunLayout, iteration: int, since_ns: int) -> bool:
+    prefix = f".{layout.checkpoint_dir(iteration).name}.staging-"
+    parent = layout.checkpoint_dir(iteration).parent
+    names = os.listdir(parent) if parent.is_dir() else []
+    return any(name.startswith(prefix) and _newer(parent / name, since_ns) for name in names)
+
+
+def _new_score_shards(layout: RunLayout, iteration: int, since_ns: int) -> int:
+    directory = layout.run_dir / "scores" / f"iteration={iteration:06d}"
+    return sum(_newer(p, since_ns) for p in directory.rglob("part-*.parquet")) if directory.is_dir() else 0
+
+
+def reached(target: tuple[str, int], layout: RunLayout, since_ns: int, shards: int) -> bool:
+    """True once the flow started at `since_ns` is inside `target` (or past it)."""
+    stage, iteration = target
+    done = lambda s, i: layout.marker_path(i, s).exists()  # noqa: E731
+    prepared = _newer(layout.config_path, since_ns)  # this process passed `prepare`
+    reported = _newer(layout.report_dir() / "report.md", since_ns)  # ... and the report after iteration 0
+    if stage == "evaluate" and iteration == 0:
+        return prepared
+    if stage == "rollout":
+        return prepared and done("evaluate", 0)
+    if stage == "score":
+        return _new_score_shards(layout, iteration, since_ns) >= shards or done("score", iteration)
+    if stage == "update":
+        return prepared and done("score", iteration) and (iteration == 0 or reported)
+    if stage == "checkpoint":
+        return _new_staging(layout, iteration, since_ns) or done("update", iteration)
+    return prepared and done("update", 1) and reported  # evaluate after the last update
+
+
+def landed_stage(layout: RunLayout, since_ns: int) -> tuple[str, int | None]:
+    for stage, iteration in MARKED:
+        if not layout.marker_path(iteration, stage).exists():
+            if stage == "update" and (_new_staging(layout, iteration, since_ns)
+                                      or _newer(layout.checkpoint_dir(iteration), since_ns)):
+                return "checkpoint", iteration
+            return stage, iteration
+    return "after the last stage", None
+
+
+def kill_delay(target: tuple[str, int], reference: RunLayout, rng: random.Random) -> float:
+    """Seconds to wait once inside `target`: a random fraction of how long that stage took uninterrupted."""
+    stage, iteration = target
+    if stage == "score":
+        return rng.uniform(0.0, 0.05)  # already triggered by the k-th new chunk shard
+    if stage == "checkpoint":
+        return 0.0  # the staging directory lives for a fraction of a second
+    wall = reference.done_info(iteration, stage)["wall_s"]
+    return rng.uniform(0.05, 0.5) * wall
+
+
+def kill_at(target, config, layout, reference, api_url, log_path, rng) -> tuple[int, tuple[str, int | None], float]:
+    shards = rng.randint(1, 3)
+    delay = kill_delay(target, reference, rng)
+    started_ns = time.time_ns()
+    process = start_flow(config, api_url, log_path)
+    deadline = time.time() + 300
+    poll = 0.001 if target[0] == "checkpoint" else 0.01
+    while not reached(target, layout, started_ns, shards) and process.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+    time.sleep(delay)
+    kill_group(process)
+    return process.returncode, landed_stage(layout, started_ns), (time.time_ns() - started_ns) / 1e9
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference_run, prefect_api_url, tmp_path):
+    from flows.distill import distill
+
+    reference = RunLayout(reference_run)
+    expected_counts, expected_steps = table_counts(reference_run), checkpoint_steps(reference_run)
+    assert expected_steps == {"iteration=000000": 2, "iteration=000001": 4}
+    rng = random.Random(SEED)
+    kills: list[Kill] = []
+    started = time.perf_counter()
+    for chain, plan in enumerate(plan_chains(rng)):
+        config = make_config(tiny_world, f"crash-{chain}", root=tmp_path / "runs")
+        layout = RunLayout.under(config["storage_root"], config["run_id"])
+        log_path = tmp_path / f"chain-{chain}.log"
+        for target in plan:
+            exit_code, landed, seconds = kill_at(target, config, layout, reference, prefect_api_url, log_path, rng)
+            kills.append(Kill(chain, target, landed, exit_code, len(hidden_temporaries(layout.run_dir)), seconds))
+            assert exit_code == -9, f"flow ended on its own ({exit_code}) before kill {kills[-1]}:\n" + \
+                log_path.read_text()[-3000:]
+            assert visible_damage(layout.run_dir) == [], f"after kill {kills[-1]}"
+        distill(config=config)  # resume in-process to the end
+        assert table_counts(layout.run_dir) == expected_counts, f"chain {chain}: {plan}"
+        assert checkpoint_steps(layout.run_dir) == expected_steps, f"chain {chain}: {plan}"
+        duplicates = run_query(layout.run_dir, "SELECT count(*) FROM (SELECT rollout_id, role, model_hash, "
+                               "count(*) AS c FROM scores GROUP BY ALL HAVING c > 1)").fetchall()[0][0]
+        assert duplicates == 0
+        assert visible_damage(layout.run_dir) == []
+    elapsed = time.perf_counter() - started
+    landed = Counter(kill.landed[0] for kill in kills)
+    print(f"\n{len(kills)} SIGKILLs in {elapsed:.0f} s; landed per stage: {dict(landed)}; "
+          f"hidden temporaries seen after kills: {sum(k.hidden_temporaries for k in kills)}")
+    for kill in kills:
+        print(f"  chain {kill.chain}: target {kill.target} landed {kill.landed} after {kill.seconds:.1f} s")
+    assert len(kills) == 20
+    assert set(landed) == set(STAGES), f"kills must cover every stage: {dict(landed)}"
