@@ -28,8 +28,23 @@ NAMESPACE = isolation_mode() == "namespace"
 HOOK_MODES = [pytest.param(True, id="hook"), pytest.param(False, id="os_layers_only")]
 
 
+_BASELINE_CHILDREN: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _baseline_children():
+    """Children pytest already had before the test (e.g. Prefect's temporary server from other tests)."""
+    _BASELINE_CHILDREN.clear()
+    _BASELINE_CHILDREN.update(_all_children())
+    yield
+
+
 def _children_of_this_test() -> list[int]:
-    """Live processes whose parent is this pytest process (the sandbox launchers it started)."""
+    """Live processes whose parent is this pytest process and that this test started (sandbox launchers)."""
+    return [pid for pid in _all_children() if pid not in _BASELINE_CHILDREN]
+
+
+def _all_children() -> list[int]:
     children = []
     for entry in os.listdir("/proc"):
         try:
