@@ -19,8 +19,7 @@ from transformers import AutoConfig
 from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
 from gopd_core.models import check_same_vocab, load_tokenizer, model_hash, render_prompt
-from gopd_core.rollout import SamplingParams, open_engine
-from gopd_core.rollout.hf import PromptTooLongError
+from gopd_core.rollout import SamplingParams, check_prompt_lengths, open_engine
 from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
 from storage.datasets import load_prompts
 from storage.layout import RunLayout
@@ -65,15 +64,11 @@ def _check_prompt_lengths(tokenizer, config: RunConfig, prompts: dict[str, pa.Ta
     context = getattr(AutoConfig.from_pretrained(str(config.models.student)), "max_position_embeddings", None)
     if context is None:
         return
-    budget = int(context) - config.sampling.max_new_tokens
     for split, table in prompts.items():
-        for row in table.select(["prompt_id", "messages"]).to_pylist():
-            length = len(render_prompt(tokenizer, row["messages"]))
-            if length > budget:
-                raise PromptTooLongError(
-                    f"{split} prompt {row['prompt_id']!r} has {length} tokens, but the student's context of "
-                    f"{context} leaves only {budget} after sampling.max_new_tokens={config.sampling.max_new_tokens}; "
-                    "shorten the prompt or lower max_new_tokens")
+        rows = table.select(["prompt_id", "messages"]).to_pylist()
+        check_prompt_lengths(rows, [render_prompt(tokenizer, r["messages"]) for r in rows], int(context),
+                             config.sampling.max_new_tokens,
+                             hint=f"shorten the {split} prompt or lower sampling.max_new_tokens")
 
 
 def prepare_run(config: RunConfig) -> RunLayout:

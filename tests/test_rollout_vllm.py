@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from gopd_core.models import load_model, render_prompt
-from gopd_core.rollout import SamplingParams, open_engine
-from gopd_core.rollout.hf import PromptTooLongError
+from gopd_core.rollout import PromptTooLongError, SamplingParams, open_engine
 from gopd_core.rollout.vllm_engine import VLLMWorkerError
 from gopd_core.tokenizer import save_tokenizer
 from gopd_core.zoo import ModelShape, new_model

@@ -28,6 +28,36 @@ class SamplingParams:
     seed: int = 0
 
 
+class PromptTooLongError(ValueError):
+    """A prompt plus its response budget does not fit the model's context window."""
+
+
+def check_prompt_lengths(prompts: list[dict], prompt_ids: list[list[int]], max_context: int, max_new_tokens: int,
+                         hint: str = "shorten the prompt or lower max_new_tokens") -> None:
+    """Refuse, naming the prompt, any prompt that leaves too little room for `max_new_tokens`."""
+    budget = max_context - max_new_tokens
+    for row, ids in zip(prompts, prompt_ids):
+        if len(ids) > budget:
+            raise PromptTooLongError(
+                f"prompt {row['prompt_id']!r} has {len(ids)} tokens, but the model's context of {max_context} "
+                f"leaves only {budget} after max_new_tokens={max_new_tokens}; {hint}")
+
+
+def rollout_row(engine: str, tokenizer, prompt: dict, prompt_ids: list[int], sample_index: int, tokens: list[int],
+                logprobs: list[float], finish_reason: str, run_id: str, iteration: int, checkpoint_id: str) -> dict:
+    """One row of the rollouts schema (reward left None for the verifier)."""
+    return {
+        "run_id": run_id, "iteration": iteration,
+        "rollout_id": rollout_id(run_id, iteration, prompt["prompt_id"], sample_index),
+        "prompt_id": prompt["prompt_id"], "domain": prompt["domain"], "sample_index": sample_index,
+        "checkpoint_id": checkpoint_id, "engine": engine, "prompt_token_ids": prompt_ids,
+        "response_token_ids": tokens, "rollout_logprobs": logprobs,
+        "prompt_text": tokenizer.decode(prompt_ids, skip_special_tokens=False),
+        "response_text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "finish_reason": finish_reason, "reward": None,
+    }
+
+
 class RolloutEngine(Protocol):
     name: str
 

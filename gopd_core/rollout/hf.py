@@ -20,11 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from gopd_core.models import load_model, load_tokenizer, render_prompt
-from gopd_core.rollout import EngineBase, SamplingParams, rollout_id
+from gopd_core.rollout import (
+    EngineBase,
+    PromptTooLongError,
+    SamplingParams,
+    check_prompt_lengths,
+    rollout_row,
+)
 
-
-class PromptTooLongError(ValueError):
-    """A prompt plus its response budget does not fit the model's context window."""
+__all__ = ["HFEngine", "PromptTooLongError"]
 
 
 def sample_next_tokens(
@@ -143,14 +147,7 @@ class HFEngine(EngineBase):
         ]
 
     def _check_lengths(self, prompts: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> None:
-        budget = self.max_context - max_new_tokens
-        for row, ids in zip(prompts, prompt_ids):
-            if len(ids) > budget:
-                raise PromptTooLongError(
-                    f"prompt {row['prompt_id']!r} has {len(ids)} tokens, but the model's context of "
-                    f"{self.max_context} leaves only {budget} after max_new_tokens={max_new_tokens}; "
-                    "shorten the prompt or lower max_new_tokens"
-                )
+        check_prompt_lengths(prompts, prompt_ids, self.max_context, max_new_tokens)
 
     def _generate_batch(
         self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator
@@ -194,20 +191,5 @@ class HFEngine(EngineBase):
     def _row(self, prompt: dict, prompt_ids: list[int], sample_index: int, tokens: list[int], logprobs: list[float],
              sampling: SamplingParams, run_id: str, iteration: int, checkpoint_id: str) -> dict:
         stopped = bool(tokens) and tokens[-1] == self.tokenizer.eos_token_id
-        return {
-            "run_id": run_id,
-            "iteration": iteration,
-            "rollout_id": rollout_id(run_id, iteration, prompt["prompt_id"], sample_index),
-            "prompt_id": prompt["prompt_id"],
-            "domain": prompt["domain"],
-            "sample_index": sample_index,
-            "checkpoint_id": checkpoint_id,
-            "engine": self.name,
-            "prompt_token_ids": prompt_ids,
-            "response_token_ids": tokens,
-            "rollout_logprobs": logprobs,
-            "prompt_text": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
-            "response_text": self.tokenizer.decode(tokens, skip_special_tokens=True),
-            "finish_reason": "stop" if stopped else "length",
-            "reward": None,
-        }
+        return rollout_row(self.name, self.tokenizer, prompt, prompt_ids, sample_index, tokens, logprobs,
+                           "stop" if stopped else "length", run_id, iteration, checkpoint_id)

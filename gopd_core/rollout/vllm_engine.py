@@ -39,8 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gopd_core.models import check_model_dir, load_tokenizer, render_prompt
-from gopd_core.rollout import EngineBase, SamplingParams, rollout_id
-from gopd_core.rollout.hf import PromptTooLongError
+from gopd_core.rollout import EngineBase, SamplingParams, check_prompt_lengths, rollout_row
 
 logger = logging.getLogger(__name__)
 
@@ -191,35 +190,14 @@ class VLLMEngine(EngineBase):
         return result
 
     def _check_lengths(self, prompts: list[dict], prompt_ids: list[list[int]], max_new_tokens: int) -> None:
-        budget = self.max_context - max_new_tokens
-        for row, ids in zip(prompts, prompt_ids):
-            if len(ids) > budget:
-                raise PromptTooLongError(
-                    f"prompt {row['prompt_id']!r} has {len(ids)} tokens, but the vLLM context of "
-                    f"{self.max_context} leaves only {budget} after max_new_tokens={max_new_tokens}; "
-                    "shorten the prompt, lower max_new_tokens or raise max_model_len"
-                )
+        check_prompt_lengths(prompts, prompt_ids, self.max_context, max_new_tokens,
+                             hint="shorten the prompt, lower max_new_tokens or raise max_model_len")
 
     def _row(self, prompt: dict, prompt_ids: list[int], sample_index: int, sample: tuple, run_id: str,
              iteration: int, checkpoint_id: str) -> dict:
         tokens, logprobs, finish_reason = sample
-        return {
-            "run_id": run_id,
-            "iteration": iteration,
-            "rollout_id": rollout_id(run_id, iteration, prompt["prompt_id"], sample_index),
-            "prompt_id": prompt["prompt_id"],
-            "domain": prompt["domain"],
-            "sample_index": sample_index,
-            "checkpoint_id": checkpoint_id,
-            "engine": self.name,
-            "prompt_token_ids": prompt_ids,
-            "response_token_ids": tokens,
-            "rollout_logprobs": logprobs,
-            "prompt_text": self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
-            "response_text": self.tokenizer.decode(tokens, skip_special_tokens=True),
-            "finish_reason": finish_reason,
-            "reward": None,
-        }
+        return rollout_row(self.name, self.tokenizer, prompt, prompt_ids, sample_index, tokens, logprobs,
+                           finish_reason, run_id, iteration, checkpoint_id)
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
