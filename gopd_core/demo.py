@@ -33,12 +33,12 @@ def demo_config(home: Path = DEFAULT_HOME, run_id: str = "demo", reward_scale: f
             "teachers": {"math": str(zoo / "teacher-math"), "code": str(zoo / "teacher-code")},
         },
         "sampling": {"temperature": 1.0, "max_new_tokens": 48, "n": 4},
-        "update": {"reward_scale": reward_scale, "lr": 5e-4, "minibatches": 2},
+        "update": {"reward_scale": reward_scale, "lr": 1e-3, "minibatches": 4},
         "data": {
             "train": [str(zoo / "data" / "math" / "train.parquet"), str(zoo / "data" / "code" / "train.parquet")],
             "test": [str(zoo / "data" / "math" / "test.parquet"), str(zoo / "data" / "code" / "test.parquet")],
             "prompts_per_iteration": 64,
-            "eval_prompts": 100,
+            "eval_prompts": 50,
         },
-        "eval": {"every": 2, "n_samples": 4, "k": 4, "temperature": 0.7},
+        "eval": {"every": 0, "n_samples": 4, "k": 4, "temperature": 0.7},
     }, source="embedded demo config")

@@ -80,7 +80,7 @@ class HFEngine(EngineBase):
         self,
         model_path: str | Path,
         device: str = "cpu",
-        batch_size: int = 32,
+        batch_size: int = 128,
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
     ) -> None:
