@@ -33,7 +33,7 @@ def demo_config(home: Path = DEFAULT_HOME, run_id: str = "demo", reward_scale: f
             "teachers": {"math": str(zoo / "teacher-math"), "code": str(zoo / "teacher-code")},
         },
         "sampling": {"temperature": 1.0, "max_new_tokens": 48, "n": 4},
-        "update": {"reward_scale": reward_scale, "lr": 1e-3, "minibatches": 4},
+        "update": {"reward_scale": reward_scale, "lr": 2e-4, "minibatches": 4},
         "data": {
             "train": [str(zoo / "data" / "math" / "train.parquet"), str(zoo / "data" / "code" / "train.parquet")],
             "test": [str(zoo / "data" / "math" / "test.parquet"), str(zoo / "data" / "code" / "test.parquet")],
