@@ -155,9 +155,13 @@ def rl_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: d
 def train_rl(
     model: torch.nn.Module, tokenizer, prompt_rows: Sequence[dict], rewards: RewardCache, steps: int,
     prompts_per_step: int, group_size: int, lr: float, seed: int, max_new_tokens: int,
-    log: Callable[[str], None] = LOGGER.info, epochs: int = 1, min_advantage: float | None = None, warmup: int = 1,
+    log: Callable[[str], None] = LOGGER.info, warmup: int = 3,
 ) -> dict[str, float]:
-    """GRPO-style RL with verifiable rewards; returns {"mean_reward_first", "mean_reward_last"}."""
+    """GRPO-style RL with verifiable rewards, lr warmed up over `warmup` steps.
+
+    Returns {"mean_reward_first", "mean_reward_last"}: the mean sampled reward of the first and last
+    (up to) five steps.
+    """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     engine = HFEngine.from_model(model, tokenizer, "policy", batch_size=prompts_per_step * group_size)
@@ -172,16 +176,13 @@ def train_rl(
                            [truth[r["prompt_id"]] for r in rollouts])
         history.append(sum(reward_N) / len(reward_N))
         advantages_N = group_advantages(torch.tensor(reward_N), [r["prompt_id"] for r in rollouts])
-        if min_advantage is not None:
-            advantages_N = advantages_N.clamp(min=min_advantage)
         informative = [i for i in range(len(rollouts)) if abs(float(advantages_N[i])) > 1e-6]
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         if informative:  # groups with equal rewards carry no signal: skip their compute
             model.train()
             tensors = rl_batch([rollouts[i] for i in informative], advantages_N[informative], tokenizer.pad_token_id)
-            for _ in range(epochs):
-                metrics = rl_step(model, optimizer, tensors)
+            metrics = rl_step(model, optimizer, tensors)
             model.eval()
         else:
             metrics = {"grad_norm": 0.0}

@@ -126,7 +126,11 @@ ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
 def check_read_only(query: str) -> None:
-    """Refuse anything but SELECT/EXPLAIN statements, naming the offending statement."""
+    """Refuse anything but SELECT statements and EXPLAINs of them, naming the offending statement.
+
+    EXPLAIN ANALYZE runs the statement it explains (`EXPLAIN ANALYZE COPY ... TO` writes a file),
+    so an EXPLAIN is judged by what it explains.
+    """
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as err:
@@ -135,10 +139,34 @@ def check_read_only(query: str) -> None:
         raise ReadOnlyQueryError("empty query")
     for statement in statements:
         kind = statement.type.name
+        if kind == "EXPLAIN":
+            explained = _explained_kind(statement.query)
+            kind = "EXPLAIN" if explained == "SELECT" else f"EXPLAIN {explained}"
         if kind not in ALLOWED_STATEMENTS:
             raise ReadOnlyQueryError(
                 f"refused: `gopd sql` is read-only and this is a {kind} statement: {statement.query.strip()[:80]!r}"
             )
+
+
+def _explained_kind(query: str) -> str:
+    try:
+        explained = duckdb.extract_statements(_explained(query))
+    except duckdb.Error:
+        return "(unparsable)"
+    return explained[0].type.name if len(explained) == 1 else "(unparsable)"
+
+
+def _explained(query: str) -> str:
+    """The statement text after `EXPLAIN [ANALYZE] [(options)]` (comments skipped)."""
+    spans = duckdb.tokenize(query)
+    words = [(start, query[start: spans[i + 1][0] if i + 1 < len(spans) else len(query)].strip().lower())
+             for i, (start, kind) in enumerate(spans) if kind != duckdb.token_type.comment]
+    depth = 0
+    for start, word in words[1:]:  # words[0] is EXPLAIN
+        depth += (word == "(") - (word == ")")
+        if depth == 0 and word not in ("analyze", ")"):
+            return query[start:]
+    return ""
 
 
 def run_query(path: str | Path, query: str, reward_scale: float = 1.0) -> duckdb.DuckDBPyRelation:

@@ -9,8 +9,8 @@ from gopd_core.models import load_model
 from gopd_core.rollout import SamplingParams, open_engine
 from gopd_core.rollout.hf import HFEngine, PromptTooLongError, top_p_filter
 from gopd_core.tasks import make_split
-from gopd_core.zoo import ModelShape, new_model
 from gopd_core.tokenizer import save_tokenizer
+from gopd_core.zoo import ModelShape, new_model
 from storage.parquet import read_shards, write_shard
 from storage.schemas import ROLLOUTS
 

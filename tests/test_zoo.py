@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gopd_core.models import read_card, render_prompt
-from gopd_core.zoo import PRESETS, UnknownPresetError, build_zoo, read_manifest
+from gopd_core.zoo import PRESETS, UnknownPresetError, ZooMismatchError, build_zoo, read_manifest
 
 MODELS = ["student-base", "teacher-math", "teacher-code", "strong-base", "strong-teacher"]
 
@@ -16,7 +16,7 @@ MODELS = ["student-base", "teacher-math", "teacher-code", "strong-base", "strong
 def test_manifest_lists_models_and_datasets(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
     assert manifest["preset"] == "tiny" and manifest["seed"] == 0
-    assert list(manifest["models"]) == MODELS
+    assert sorted(manifest["models"]) == sorted(MODELS)
     assert sorted(manifest["datasets"]) == ["code/test", "code/train", "math/test", "math/train"]
     for relative in manifest["datasets"].values():
         assert (tiny_zoo / relative).exists()
@@ -55,6 +55,8 @@ def test_second_build_is_a_no_op(tiny_zoo):
     assert manifest == json.loads((tiny_zoo / "manifest.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in tiny_zoo.rglob("*") if p.is_file()} == before
     assert not list(tiny_zoo.glob(".*staging*"))
+    with pytest.raises(ZooMismatchError, match="preset 'tiny'"):
+        build_zoo(tiny_zoo, preset="tiny", seed=1, progress=False)
 
 
 def test_unknown_preset_is_refused(tmp_path):

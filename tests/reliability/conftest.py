@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import World, build_world, make_config
+
+import flows  # noqa: F401  (before Prefect itself: loopback host, start-up timeout, no analytics)
 
 
 @pytest.fixture(scope="session")
@@ -14,15 +17,22 @@ def tiny_world(tmp_path_factory) -> World:
 
 
 @pytest.fixture(scope="session")
-def prefect_api_url() -> str:
+def prefect_api_url() -> Iterator[str]:
     """The ephemeral Prefect server that in-process flows use, shared with flow subprocesses so that
     each of them skips starting its own (about ten seconds on a busy 2-core machine)."""
-    import flows  # noqa: F401  (its settings: loopback host, generous start-up timeout)
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the singleton in-process flows talk to
-    server.start()
-    return server.api_url
+    server.start(timeout=180)
+    yield server.api_url
+    # Stop it now, while pytest still captures output (at exit Prefect would log to a closed stream),
+    # once the logs and events of in-process flows have been sent to it.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from harness import ROOT, World, make_config
 
+import flows.distill  # noqa: F401  (Prefect sets up its log handlers now, not on a stream capsys closes later)
 from gopd_core.cli import main
 from gopd_core.config import load_config
 from gopd_core.pipeline import prepare_run
@@ -191,11 +192,9 @@ def test_the_flow_refuses_before_writing(bad_input, tmp_path):
 
 
 def test_a_mid_run_problem_through_the_distill_flow_writes_nothing(tiny_world, prefect_api_url, tmp_path):
-    from flows.distill import distill
-
     config, fragment = domain_without_teacher(tiny_world, tmp_path)
     with pytest.raises(ValueError, match=fragment):
-        distill(config=config)
+        flows.distill.distill(config=config)
     assert list((tmp_path / "runs").rglob("*.parquet")) == []
     assert not (tmp_path / "runs" / "bad" / "run_config.json").exists()  # the run id is not poisoned
 

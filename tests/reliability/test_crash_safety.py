@@ -2,12 +2,16 @@
 row counts and checkpoint steps of an uninterrupted run, and no kill leaves a partial file visible.
 
 Four chains of five kills. A chain is one run id: start the flow in its own process group, wait
-until it is inside the chain's next target stage (stage outputs and completion markers appear on
-disk), wait a seeded random fraction of that stage's duration in the reference run, SIGKILL the
-group, check what a reader would see, and start it again for the next target. After the fifth kill
-the run resumes in-process to the end. Where each kill landed is read from the markers it left:
-the first step without a completion marker, "checkpoint" when that is an update whose checkpoint
-directory (hidden staging, or renamed but not yet recorded) was being written by the killed process.
+until it is inside the chain's next target stage, wait a seeded random moment, SIGKILL the group,
+check what a reader would see, and start it again for the next target (a target the run has
+already passed is moved to the same stage of a later iteration). After the fifth kill the run
+resumes in-process to the end. Being inside a stage is read from the disk and the flow's log:
+`prepare` rewrote run_config.json (evaluate before any update), the previous step's completion
+marker appeared (rollout, the last evaluate), the k-th new score chunk shard appeared (score), the
+update's progress bar started (update), a new hidden `.iteration=N.staging-*` checkpoint directory
+appeared (checkpoint write). Where a kill really landed is read afterwards from what it left: the
+first step without a completion marker, "checkpoint" when that is an update whose checkpoint
+directory (hidden staging, or renamed but not yet recorded) the killed process was writing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from harness import (
 )
 
 from storage.catalog import run_query
+from storage.doctor import diagnose, quarantine
 from storage.layout import RunLayout
 
 STAGES = ("rollout", "score", "update", "checkpoint", "evaluate")
@@ -64,6 +69,23 @@ def plan_chains(rng: random.Random) -> list[list[tuple[str, int]]]:
     return plans
 
 
+def progress(layout: RunLayout) -> int:
+    """Index in TARGET_ORDER of the first target the run has not passed yet."""
+    for stage, iteration in MARKED:
+        if not layout.marker_path(iteration, stage).exists():
+            return TARGET_ORDER.index(("score", 1) if (stage, iteration) == ("rollout", 1) else (stage, iteration))
+    return len(TARGET_ORDER)
+
+
+def reachable(target: tuple[str, int], layout: RunLayout) -> tuple[str, int] | None:
+    """`target`, or if the run is past it the same stage later on (else the next step), None when done."""
+    position = progress(layout)
+    if TARGET_ORDER.index(target) >= position:
+        return target
+    ahead = TARGET_ORDER[position:]
+    return next((t for t in ahead if t[0] == target[0]), ahead[0] if ahead else None)
+
+
 def _newer(path: Path, since_ns: int) -> bool:
     try:
         return path.stat().st_mtime_ns > since_ns
@@ -83,12 +105,17 @@ def _new_score_shards(layout: RunLayout, iteration: int, since_ns: int) -> int:
     return sum(_newer(p, since_ns) for p in directory.rglob("part-*.parquet")) if directory.is_dir() else 0
 
 
-def reached(target: tuple[str, int], layout: RunLayout, since_ns: int, shards: int) -> bool:
+def _logged_since(log_path: Path, offset: int, text: str) -> bool:
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return text.encode() in log.read()
+
+
+def reached(target: tuple[str, int], layout: RunLayout, since_ns: int, log: tuple[Path, int], shards: int) -> bool:
     """True once the flow started at `since_ns` is inside `target` (or past it)."""
     stage, iteration = target
     done = lambda s, i: layout.marker_path(i, s).exists()  # noqa: E731
     prepared = _newer(layout.config_path, since_ns)  # this process passed `prepare`
-    reported = _newer(layout.report_dir() / "report.md", since_ns)  # ... and the report after iteration 0
     if stage == "evaluate" and iteration == 0:
         return prepared
     if stage == "rollout":
@@ -96,13 +123,16 @@ def reached(target: tuple[str, int], layout: RunLayout, since_ns: int, shards: i
     if stage == "score":
         return _new_score_shards(layout, iteration, since_ns) >= shards or done("score", iteration)
     if stage == "update":
-        return prepared and done("score", iteration) and (iteration == 0 or reported)
+        return _logged_since(*log, f"update it{iteration}") or done("update", iteration)
     if stage == "checkpoint":
         return _new_staging(layout, iteration, since_ns) or done("update", iteration)
+    reported = _newer(layout.report_dir() / "report.md", since_ns)  # the report after iteration 0 ran
     return prepared and done("update", 1) and reported  # evaluate after the last update
 
 
 def landed_stage(layout: RunLayout, since_ns: int) -> tuple[str, int | None]:
+    if not _newer(layout.config_path, since_ns):
+        return "before the flow started", None
     for stage, iteration in MARKED:
         if not layout.marker_path(iteration, stage).exists():
             if stage == "update" and (_new_staging(layout, iteration, since_ns)
@@ -112,25 +142,20 @@ def landed_stage(layout: RunLayout, since_ns: int) -> tuple[str, int | None]:
     return "after the last stage", None
 
 
-def kill_delay(target: tuple[str, int], reference: RunLayout, rng: random.Random) -> float:
-    """Seconds to wait once inside `target`: a random fraction of how long that stage took uninterrupted."""
-    stage, iteration = target
-    if stage == "score":
-        return rng.uniform(0.0, 0.05)  # already triggered by the k-th new chunk shard
-    if stage == "checkpoint":
-        return 0.0  # the staging directory lives for a fraction of a second
-    wall = reference.done_info(iteration, stage)["wall_s"]
-    return rng.uniform(0.05, 0.5) * wall
+# Seconds to wait once inside a stage (uniform in the range): short stages get short waits.
+KILL_DELAY = {"evaluate": (0.05, 1.0), "rollout": (0.0, 0.3), "score": (0.0, 0.05), "update": (0.0, 0.2),
+              "checkpoint": (0.0, 0.0)}
 
 
-def kill_at(target, config, layout, reference, api_url, log_path, rng) -> tuple[int, tuple[str, int | None], float]:
+def kill_at(target, config, layout, api_url, log_path, rng) -> tuple[int, tuple[str, int | None], float]:
     shards = rng.randint(1, 3)
-    delay = kill_delay(target, reference, rng)
+    delay = rng.uniform(*KILL_DELAY[target[0]])
+    log = (log_path, log_path.stat().st_size if log_path.exists() else 0)
     started_ns = time.time_ns()
     process = start_flow(config, api_url, log_path)
     deadline = time.time() + 300
     poll = 0.001 if target[0] == "checkpoint" else 0.01
-    while not reached(target, layout, started_ns, shards) and process.poll() is None and time.time() < deadline:
+    while not reached(target, layout, started_ns, log, shards) and process.poll() is None and time.time() < deadline:
         time.sleep(poll)
     time.sleep(delay)
     kill_group(process)
@@ -141,7 +166,6 @@ def kill_at(target, config, layout, reference, api_url, log_path, rng) -> tuple[
 def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference_run, prefect_api_url, tmp_path):
     from flows.distill import distill
 
-    reference = RunLayout(reference_run)
     expected_counts, expected_steps = table_counts(reference_run), checkpoint_steps(reference_run)
     assert expected_steps == {"iteration=000000": 2, "iteration=000001": 4}
     rng = random.Random(SEED)
@@ -151,12 +175,15 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference
         config = make_config(tiny_world, f"crash-{chain}", root=tmp_path / "runs")
         layout = RunLayout.under(config["storage_root"], config["run_id"])
         log_path = tmp_path / f"chain-{chain}.log"
-        for target in plan:
-            exit_code, landed, seconds = kill_at(target, config, layout, reference, prefect_api_url, log_path, rng)
+        for planned in plan:
+            target = reachable(planned, layout)
+            assert target is not None, f"chain {chain} finished before its kill at {planned}"
+            exit_code, landed, seconds = kill_at(target, config, layout, prefect_api_url, log_path, rng)
             kills.append(Kill(chain, target, landed, exit_code, len(hidden_temporaries(layout.run_dir)), seconds))
             assert exit_code == -9, f"flow ended on its own ({exit_code}) before kill {kills[-1]}:\n" + \
                 log_path.read_text()[-3000:]
             assert visible_damage(layout.run_dir) == [], f"after kill {kills[-1]}"
+            assert {p.kind for p in diagnose(layout.run_dir)} <= {"stale-temporary"}  # the doctor agrees
         distill(config=config)  # resume in-process to the end
         assert table_counts(layout.run_dir) == expected_counts, f"chain {chain}: {plan}"
         assert checkpoint_steps(layout.run_dir) == expected_steps, f"chain {chain}: {plan}"
@@ -164,6 +191,10 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference
                                "count(*) AS c FROM scores GROUP BY ALL HAVING c > 1)").fetchall()[0][0]
         assert duplicates == 0
         assert visible_damage(layout.run_dir) == []
+        leftovers = diagnose(layout.run_dir)  # only hidden temporaries of killed writers; the doctor clears them
+        assert {p.kind for p in leftovers} <= {"stale-temporary"}
+        quarantine(layout.run_dir, leftovers)
+        assert diagnose(layout.run_dir) == [] and table_counts(layout.run_dir) == expected_counts
     elapsed = time.perf_counter() - started
     landed = Counter(kill.landed[0] for kill in kills)
     print(f"\n{len(kills)} SIGKILLs in {elapsed:.0f} s; landed per stage: {dict(landed)}; "
