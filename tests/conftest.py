@@ -11,5 +11,5 @@ from gopd_core.zoo import build_zoo
 def tiny_zoo(tmp_path_factory):
     """Path of a complete `tiny` zoo: tokenizer, prompt datasets and five small trained models."""
     root = tmp_path_factory.mktemp("zoo") / "tiny"
-    build_zoo(root, preset="tiny", seed=0, progress=False)
+    build_zoo(root, preset="tiny", seed=0, progress=False, num_threads=None)  # keep the session's torch threads
     return root
