@@ -96,7 +96,7 @@ def run(
 ) -> None:
     """Run the `distill` flow: rollout -> score -> update -> evaluate, per iteration (resumes by run id)."""
     from flows.distill import distill
-    from gopd_core.config import load_config
+    from gopd_core.config import load_config, set_dotted
     from gopd_core.demo import demo_config, ensure_zoo
     from gopd_core.pipeline import check_run
     from gopd_core.report import before_after
@@ -108,11 +108,7 @@ def run(
         ensure_zoo(home / "zoo")
         raw = demo_config(home).model_dump(mode="json")
         for key, value in overrides.items():
-            node = raw
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = value
+            set_dotted(raw, key, value)
         run_dir = distill(config=raw)
     else:
         check_run(load_config(config, overrides))  # refuse bad input before Prefect starts or anything is written

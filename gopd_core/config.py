@@ -170,11 +170,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
-        raw = _set_dotted(raw, key, value)
+        raw = set_dotted(raw, key, value)
     return parse_config(raw, source=str(path))
 
 
-def _set_dotted(raw: dict, dotted: str, value) -> dict:
+def set_dotted(raw: dict, dotted: str, value) -> dict:
+    """Set `raw[a][b][c] = value` for dotted key 'a.b.c', creating missing levels; returns `raw`."""
     node = raw
     *parents, leaf = dotted.split(".")
     for parent in parents:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import build_random_model, write_task_data
+from tiny import build_random_model, tiny_distill_config, write_task_data
 
 from flows.distill import distill
 from flows.evaluate import evaluate
@@ -37,24 +37,7 @@ def world(tmp_path_factory):
 
 def make_config(world, run_id: str, **changes) -> dict:
     base, models, data = world
-    config = {
-        "run_id": run_id, "storage_root": str(base / "runs"), "iterations": 2, "seed": 0,
-        "score_chunk_rows": 4,
-        "models": {"student": str(models["student"]),
-                   "teachers": {"math": str(models["teacher_math"]), "code": str(models["teacher_code"])}},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 10, "n": 2},
-        "update": {"reward_scale": 1.0, "lr": 1e-3, "minibatches": 2, "micro_token_budget": 256},
-        "data": {"train": [str(p) for p in data["train"]], "test": [str(p) for p in data["test"]],
-                 "prompts_per_iteration": 6, "eval_prompts": 2},
-        "eval": {"every": 2, "n_samples": 2, "k": 2, "temperature": 1.0},
-    }
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return tiny_distill_config(base, models, data, run_id, **changes)
 
 
 def table_counts(run_dir: Path) -> dict[str, int]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from gopd_core.config import set_dotted
 from gopd_core.tasks import make_split
 from gopd_core.tokenizer import save_tokenizer
 from storage.parquet import write_shard
@@ -35,3 +36,22 @@ def write_task_data(directory: Path, n_train: int = 16, n_test: int = 6, seed: i
             write_shard(make_split(domain, split, n, seed), path, PROMPTS)
             paths[split].append(path)
     return paths
+
+
+def tiny_distill_config(base: Path, models: dict[str, Path], data: dict[str, list[Path]], run_id: str,
+                        root: Path | None = None, **changes) -> dict:
+    """The 2-iteration tiny distill config the flow and reliability tests share; `changes` set dotted keys."""
+    config = {
+        "run_id": run_id, "storage_root": str(root or base / "runs"), "iterations": 2, "seed": 0,
+        "score_chunk_rows": 4,
+        "models": {"student": str(models["student"]),
+                   "teachers": {"math": str(models["teacher_math"]), "code": str(models["teacher_code"])}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 10, "n": 2},
+        "update": {"reward_scale": 1.0, "lr": 1e-3, "minibatches": 2, "micro_token_budget": 256},
+        "data": {"train": [str(p) for p in data["train"]], "test": [str(p) for p in data["test"]],
+                 "prompts_per_iteration": 6, "eval_prompts": 2},
+        "eval": {"every": 2, "n_samples": 2, "k": 2, "temperature": 1.0},
+    }
+    for key, value in changes.items():
+        set_dotted(config, key, value)
+    return config

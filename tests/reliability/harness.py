@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tiny import build_random_model, write_task_data
+from tiny import build_random_model, tiny_distill_config, write_task_data
 
 from storage.catalog import open_catalog
 from storage.doctor import check_checkpoint, check_shard
@@ -45,24 +45,7 @@ def build_world(base: Path) -> World:
 
 def make_config(world: World, run_id: str, root: Path | None = None, **changes) -> dict:
     """The 2-iteration tiny distill config of tests/test_flows.py; `changes` set dotted keys."""
-    config = {
-        "run_id": run_id, "storage_root": str(root or world.base / "runs"), "iterations": 2, "seed": 0,
-        "score_chunk_rows": 4,
-        "models": {"student": str(world.models["student"]),
-                   "teachers": {"math": str(world.models["teacher_math"]), "code": str(world.models["teacher_code"])}},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 10, "n": 2},
-        "update": {"reward_scale": 1.0, "lr": 1e-3, "minibatches": 2, "micro_token_budget": 256},
-        "data": {"train": [str(p) for p in world.data["train"]], "test": [str(p) for p in world.data["test"]],
-                 "prompts_per_iteration": 6, "eval_prompts": 2},
-        "eval": {"every": 2, "n_samples": 2, "k": 2, "temperature": 1.0},
-    }
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return tiny_distill_config(world.base, world.models, world.data, run_id, root, **changes)
 
 
 def table_counts(run_dir: Path) -> dict[str, int]:
