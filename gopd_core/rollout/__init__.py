@@ -27,6 +27,11 @@ class SamplingParams:
     n: int = 1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling parameters: {self} (need temperature >= 0, 0 < top_p <= 1, "
+                             "n >= 1, max_new_tokens >= 1)")
+
 
 class PromptTooLongError(ValueError):
     """A prompt plus its response budget does not fit the model's context window."""

@@ -125,8 +125,6 @@ class HFEngine(EngineBase):
         checkpoint_id: str | None = None,
     ) -> list[dict]:
         """Rows of the ROLLOUTS schema, `sampling.n` per prompt, ordered by (prompt, sample_index)."""
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.n < 1 or sampling.max_new_tokens < 1:
-            raise ValueError(f"invalid sampling parameters: {sampling}")
         prompt_ids = [render_prompt(self.tokenizer, row["messages"]) for row in prompts]
         self._check_lengths(prompts, prompt_ids, sampling.max_new_tokens)
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)

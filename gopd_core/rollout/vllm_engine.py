@@ -109,8 +109,6 @@ class VLLMEngine(EngineBase):
         checkpoint_id: str | None = None,
     ) -> list[dict]:
         """Rows of the ROLLOUTS schema, `sampling.n` per prompt, ordered by (prompt, sample_index)."""
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.n < 1 or sampling.max_new_tokens < 1:
-            raise ValueError(f"invalid sampling parameters: {sampling}")
         if not prompts:
             return []
         prompt_ids = [render_prompt(self.tokenizer, row["messages"]) for row in prompts]
