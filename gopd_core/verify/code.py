@@ -253,12 +253,25 @@ def verify_code(
 def verify_code_batch(
     responses: Sequence[str], tests_list: Sequence[list[dict]], max_workers: int = 2, **options: Any
 ) -> list[CodeVerdict]:
-    """``verify_code`` over pairs, ``max_workers`` sandboxes at a time; results in input order."""
+    """``verify_code`` over pairs, ``max_workers`` sandboxes at a time; results in input order.
+
+    Responses whose extracted source and tests are identical share one sandbox run (samples of one
+    prompt often repeat: rollouts of a small model repeat 3-4x on the code tasks), so the verdict
+    object is shared among them. Sources that differ are always run separately.
+    """
     if len(responses) != len(tests_list):
         raise ValueError(
             f"got {len(responses)} responses but {len(tests_list)} test lists; pass one per response"
         )
+    entry_point = options.get("entry_point", "f")
+    first_of: dict[tuple[str, str], int] = {}
+    slot = []
+    for index, (response, tests) in enumerate(zip(responses, tests_list)):
+        source = extract_code(response, entry_point) if isinstance(response, str) else None
+        key = ("" if source is None else source, json.dumps(tests, sort_keys=True))
+        slot.append(first_of.setdefault(key, index))
+    unique = sorted(set(slot))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        return list(
-            pool.map(lambda pair: verify_code(pair[0], pair[1], **options), zip(responses, tests_list))
-        )
+        verdicts = dict(zip(unique, pool.map(
+            lambda index: verify_code(responses[index], tests_list[index], **options), unique)))
+    return [verdicts[index] for index in slot]
