@@ -30,7 +30,9 @@ def rollout(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConf
                               config.sampling.n, config.seed)
     return pipeline.run_once(layout, iteration, "rollout", lambda: pipeline.rollout_stage(
         layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
-        sampling=sampling, backend=config.backend, seed=config.seed, device=config.device))
+        sampling=sampling, backend=config.backend, seed=config.seed, device=config.device,
+        sampler_by_domain=pipeline.rollout_samplers(config, layout),
+        verify_rewards=config.sampling.verify_rewards))
 
 
 @task(**TASK_POLICY)
@@ -56,8 +58,8 @@ def evaluate(layout: RunLayout, checkpoint: Path, updates_done: int, config: Run
 
 
 @task(**TASK_POLICY)
-def report(layout: RunLayout, iteration: int) -> str:
-    summary = write_report(layout)
+def report(layout: RunLayout, iteration: int, plot: bool) -> str:
+    summary = write_report(layout, plot=plot)  # plotting costs seconds: only after the last iteration
     publish_iteration_artifacts(layout, iteration)
     return str(summary)
 
@@ -88,5 +90,5 @@ def distill(config_path: str | None = None, config: dict | None = None, override
             checkpoint = update(layout, iteration, checkpoint, written, run_config)
             if _should_evaluate(run_config, iteration + 1):
                 evaluate(layout, checkpoint, iteration + 1, run_config)
-            report(layout, iteration)
+            report(layout, iteration, plot=iteration == run_config.iterations - 1)
     return str(layout.run_dir)

@@ -72,6 +72,12 @@ class SamplingConfig(_Frozen):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(48, ge=1, le=32768, description="Response token budget.")
     n: int = Field(4, ge=1, le=256, description="Samples per prompt.")
+    verify_rewards: bool = Field(
+        True, description="Verify each rollout's answer (the rollouts' reward column). The G-OPD update does not "
+                          "use it, so turning it off only loses the monitoring metric and saves sandbox time.")
+    source: Literal["student", "teacher"] = Field(
+        "student", description="Who samples the responses: the student (on-policy) or each domain's teacher "
+                               "(off-policy; only with update.objective 'sft').")
 
 
 class UpdateConfig(_Frozen):
@@ -80,6 +86,9 @@ class UpdateConfig(_Frozen):
     clip_high: float = Field(0.2, ge=0)
     is_threshold: float = Field(5.0, gt=0, description="Truncation of rollout/trainer importance weights.")
     aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    objective: Literal["gopd", "sft"] = Field(
+        "gopd", description="'gopd': the clipped lam-weighted policy gradient; 'sft': supervised fine-tuning on "
+                            "the sampled tokens (the off-policy baseline, with sampling.source 'teacher').")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
@@ -124,6 +133,17 @@ class RunConfig(_Frozen):
     update: UpdateConfig = UpdateConfig()
     data: DataConfig
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> RunConfig:
+        if self.update.objective == "sft" and self.sampling.source != "teacher":
+            raise ValueError("update.objective 'sft' trains on teacher samples: set sampling.source to 'teacher'")
+        if self.sampling.source == "teacher" and self.update.objective != "sft":
+            raise ValueError("sampling.source 'teacher' makes the rollouts off-policy, which the G-OPD update "
+                             "does not support: set update.objective to 'sft' (or sampling.source to 'student')")
+        if self.sampling.source == "teacher" and self.models.teacher_context != "none":
+            raise ValueError("sampling.source 'teacher' needs teacher models, not a context teacher")
+        return self
 
     def check_paths(self) -> None:
         """Every configured model and dataset must exist, named in the error if not."""

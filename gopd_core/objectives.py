@@ -185,6 +185,49 @@ def policy_loss(
     return loss, metrics
 
 
+def sft_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *ppo_settings: object,
+    aggregation: str = "token-mean",
+    reference_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised fine-tuning (negative log-likelihood) on the sampled tokens. All tensors (B, T).
+
+    The off-policy baseline: trained on the teacher's samples it is plain distillation by SFT. Same
+    signature and metrics as `policy_loss` so the trainer can swap them; the clip, importance-weight
+    and advantage arguments (`ppo_settings`: clip_low, clip_high, rollout_logprobs, is_threshold) are
+    ignored; advantage_mean is still reported, for comparison.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}")
+    _check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                      reference_logprobs=reference_logprobs)
+    check_finite("logprobs", logprobs.detach())
+    mask_BT = mask.to(logprobs.dtype)
+    loss = AGGREGATIONS[aggregation](-logprobs, mask_BT)
+    with torch.no_grad():
+        kl_base_BT = reference_logprobs if reference_logprobs is not None else old_logprobs
+        delta_BT = (kl_base_BT.detach() - logprobs.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        metrics = {
+            "clip_fraction": 0.0,
+            "is_weight_mean": 1.0,
+            "advantage_mean": _token_mean(advantages.detach(), mask_BT).item(),
+            "approx_kl": _token_mean(torch.exp(delta_BT) - delta_BT - 1.0, mask_BT).item(),
+            "tokens": mask_BT.sum().item(),
+        }
+    return loss, metrics
+
+
+# update.objective -> loss function (same signature): on-policy G-OPD, or SFT on teacher samples.
+OBJECTIVES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, float]]]] = {
+    "gopd": policy_loss,
+    "sft": sft_loss,
+}
+
+
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | Sequence, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: (reward - group mean) / (group std + eps), std unbiased; a lone sample gets 0.
 

@@ -111,21 +111,42 @@ def select_prompts(prompts: list[dict], iteration: int, count: int, seed: int) -
 
 
 def rollout_stage(layout: RunLayout, iteration: int, checkpoint: Path, *, prompts_per_iteration: int,
-                  sampling: SamplingParams, backend: str = "hf", seed: int = 0, device: str = "cpu") -> Path:
-    """Sample the iteration's rollouts from `checkpoint`, verify rewards, write one shard; returns its directory."""
+                  sampling: SamplingParams, backend: str = "hf", seed: int = 0, device: str = "cpu",
+                  sampler_by_domain: dict[str, Path] | None = None, verify_rewards: bool = True) -> Path:
+    """Sample the iteration's rollouts, verify rewards, write one shard; returns its directory.
+
+    The sampler is `checkpoint` (on-policy), or, given `sampler_by_domain`, each prompt's domain's
+    model (the teachers, for the off-policy SFT baseline). Without `verify_rewards` the reward
+    column stays null (the update does not need it).
+    """
     prompts = read_prompts(layout, "train").to_pylist()
     chosen = select_prompts(prompts, iteration, prompts_per_iteration, seed)
     sampling = SamplingParams(**{**sampling.__dict__, "seed": seed * 100003 + iteration})
-    with open_engine(backend, checkpoint, **_engine_options(backend, device)) as engine:
-        rows = engine.generate(chosen, sampling, run_id=layout.run_id, iteration=iteration,
-                               checkpoint_id=checkpoint_id(checkpoint))
-    rewards = score_samples(rows, {p["prompt_id"]: p for p in chosen})
-    for row, reward in zip(rows, rewards):
-        row["reward"] = reward
+    by_sampler: dict[Path, list[dict]] = {}
+    for prompt in chosen:
+        sampler = Path(checkpoint) if sampler_by_domain is None else Path(sampler_by_domain[prompt["domain"]])
+        by_sampler.setdefault(sampler, []).append(prompt)
+    rows = []
+    for sampler, sampler_prompts in by_sampler.items():
+        with open_engine(backend, sampler, **_engine_options(backend, device)) as engine:
+            rows.extend(engine.generate(sampler_prompts, sampling, run_id=layout.run_id, iteration=iteration,
+                                        checkpoint_id=checkpoint_id(sampler)))
+    if verify_rewards:
+        rewards = score_samples(rows, {p["prompt_id"]: p for p in chosen})
+        for row, reward in zip(rows, rewards):
+            row["reward"] = reward
     path = write_shard(rows, layout.rollouts_dir(iteration) / "part-00000.parquet", ROLLOUTS)
-    log.info("rollout it%d: %d responses from %s, mean reward %.3f -> %s", iteration, len(rows),
-             checkpoint, sum(rewards) / max(1, len(rewards)), path)
+    log.info("rollout it%d: %d responses from %s -> %s", iteration, len(rows),
+             ", ".join(str(s) for s in by_sampler), path)
     return path.parent
+
+
+def rollout_samplers(config: RunConfig, layout: RunLayout) -> dict[str, Path] | None:
+    """`rollout_stage`'s `sampler_by_domain`: None when the student samples, else each train domain's teacher."""
+    if config.sampling.source == "student":
+        return None
+    domains = set(read_prompts(layout, "train").column("domain").to_pylist())
+    return {domain: Path(config.models.teacher_for(domain)) for domain in sorted(domains)}
 
 
 def checkpoint_id(checkpoint: Path) -> str:
@@ -188,7 +209,8 @@ def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: d
     new_checkpoint, step_rows = update_policy(
         layout, iteration, checkpoint, score_sets_from(written), reward_scale=update.reward_scale,
         reference_role=config.models.reference_role(),
-        loss_settings=LossSettings(update.clip_low, update.clip_high, update.is_threshold, update.aggregation),
+        loss_settings=LossSettings(update.clip_low, update.clip_high, update.is_threshold, update.aggregation,
+                                   update.objective),
         optimizer_settings=OptimizerSettings(update.lr, update.weight_decay, update.warmup_steps,
                                              update.max_grad_norm),
         minibatches=update.minibatches, micro_token_budget=update.micro_token_budget, seed=config.seed,

@@ -5,7 +5,8 @@
 2. Advantages A_t = lam * (teacher - ref) - (student - ref) per token (`objectives.gopd_advantages`,
    the row's own domain teacher via `select_teacher_logprobs`).
 3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
-   padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine.
+   padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
+   (or `objectives.sft_loss` for the off-policy SFT baseline, picked by `LossSettings.objective`).
 4. Save the new weights (HF dir, safetensors) + optimizer state atomically; return per-step metrics.
 """
 
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gopd_core.models import load_model, load_tokenizer
-from gopd_core.objectives import gopd_advantages, policy_loss, select_teacher_logprobs
+from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
+from gopd_core.scoring import plan_microbatches
 from storage.layout import RunLayout, atomic_directory
 from storage.readers import MissingScoresError, read_rollouts, read_score_map
 
@@ -104,23 +106,21 @@ def build_update_rows(layout: RunLayout, iteration: int, score_sets: ScoreSets, 
 
 
 def pack_by_token_budget(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Group row indices (sorted by length) so that rows * longest <= token_budget per group."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and (len(current) + 1) * lengths[index] > token_budget:
-            groups.append(current)
-            current = []
-        current.append(index)
-    if current:
-        groups.append(current)
-    return groups
+    """Group row indices so that rows * longest <= token_budget per group, padding little.
+
+    The scorer's planner (`scoring.plan_microbatches`): runs of length-sorted rows chosen to
+    minimise padded tokens plus a per-forward overhead, longest group first.
+    """
+    return plan_microbatches(lengths, token_budget)
 
 
-def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor,
+def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None,
                    response_start_B: torch.Tensor, width: int) -> torch.Tensor:
-    """Log-probs (B, T=width) of tokens at positions start..start+T-1, computing logits only there."""
+    """Log-probs (B, T=width) of tokens at positions start..start+T-1, computing logits only there.
+
+    attention_mask_BL may be None for right-padded rows: the causal mask alone keeps real positions
+    from seeing padding, and SDPA then skips the blocks above the diagonal (as in `scoring`).
+    """
     hidden_BLH = model.get_decoder()(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
     offsets_T = torch.arange(width, device=input_ids_BL.device)
     target_pos_BT = (response_start_B[:, None] + offsets_T[None, :]).clamp(max=input_ids_BL.shape[1] - 1)
@@ -167,6 +167,7 @@ class LossSettings:
     clip_high: float = 0.2
     is_threshold: float = 5.0
     aggregation: str = "token-mean"
+    objective: str = "gopd"  # key of objectives.OBJECTIVES: "gopd" (clipped policy gradient) or "sft"
 
 
 def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: OptimizerSettings):
@@ -194,12 +195,13 @@ def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], lo
     for group in pack_by_token_budget(lengths, token_budget):
         indices = [minibatch[g] for g in group]
         batch = _micro_batch(rows, indices, device)
-        logprobs_BT = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_start"],
+        # rows are right-padded: no padding mask needed (see token_logprobs)
+        logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
                                      batch["mask"].shape[1])
-        loss, metrics = policy_loss(
+        loss, metrics = OBJECTIVES[loss_settings.objective](
             logprobs_BT, batch["old"], batch["advantages"], batch["mask"], loss_settings.clip_low,
-            loss_settings.clip_high, batch["rollout"], loss_settings.is_threshold, loss_settings.aggregation,
-            reference_logprobs=batch.get("reference"))
+            loss_settings.clip_high, batch["rollout"], loss_settings.is_threshold,
+            aggregation=loss_settings.aggregation, reference_logprobs=batch.get("reference"))
         share = len(indices) / len(minibatch) if per_seq else metrics["tokens"] / total_tokens
         (loss * share).backward()
         for name, value in metrics.items():

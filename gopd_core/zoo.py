@@ -129,6 +129,11 @@ PRESETS: dict[str, Preset] = {
     "default": Preset("default", n_train=4000, n_test=100, recipes=_zoo_recipes(
         ModelShape(hidden=96, layers=3, intermediate=256), ModelShape(hidden=192, layers=2, intermediate=1024),
         base_steps=600, teacher_steps=200, strong_steps=400, strong_teacher_steps=250, rl_steps=5)),
+    # The paper-claims benchmark (benchmarks/paper_claims.py): the default student and domain teachers,
+    # and a deeper strong pair trained long enough that the strong teacher clearly beats the student.
+    "claims": Preset("claims", n_train=4000, n_test=100, recipes=_zoo_recipes(
+        ModelShape(hidden=96, layers=3, intermediate=256), ModelShape(hidden=128, layers=6, intermediate=512),
+        base_steps=600, teacher_steps=200, strong_steps=400, strong_teacher_steps=600, rl_steps=5)),
     "tiny": Preset("tiny", n_train=48, n_test=8, sft_batch=8, rl_prompts=2, rl_group=4, max_new_tokens=16,
                    recipes=_zoo_recipes(ModelShape(64, 2, 128, 128), ModelShape(128, 2, 320, 128), base_steps=4,
                                         teacher_steps=2, strong_steps=4, strong_teacher_steps=2, rl_steps=1)),

@@ -17,6 +17,7 @@ from tiny import build_random_model, tiny_distill_config, write_task_data
 from flows.distill import distill
 from flows.evaluate import evaluate
 from flows.rescore import rescore
+from gopd_core.report import write_report
 from storage.catalog import open_catalog, run_query
 from storage.layout import RunLayout
 
@@ -68,6 +69,16 @@ def test_distill_two_iterations(finished_run):
     assert (layout.report_dir() / "metrics.png").stat().st_size > 1000
     roles = run_query(finished_run, "SELECT DISTINCT role, domain FROM scores ORDER BY ALL").fetchall()
     assert roles == [("reference", None), ("student", None), ("teacher", "code"), ("teacher", "math")]
+
+
+def test_report_without_plot_keeps_the_last_png(finished_run):
+    # the flow plots only after its last iteration: a report without a plot must not redraw it
+    layout = RunLayout(finished_run)
+    png = layout.report_dir() / "metrics.png"
+    drawn = png.stat().st_mtime_ns
+    summary = write_report(layout, plot=False)
+    assert png.stat().st_mtime_ns == drawn
+    assert "![metrics](metrics.png)" in summary.read_text()
 
 
 def test_rerun_is_a_no_op(world, finished_run):
@@ -138,3 +149,29 @@ def test_evaluate_flow_on_checkpoints(world, finished_run, tmp_path):
     assert len(shards) == 2
     rows = run_query(eval_run, "SELECT count(DISTINCT checkpoint_id), count(*) FROM evals").fetchall()[0]
     assert rows == (2, 8)
+
+
+def test_sft_baseline_trains_on_teacher_samples(world):
+    run_dir = Path(distill(config=make_config(world, "sft-run", iterations=1, **{
+        "update.objective": "sft", "sampling.source": "teacher", "sampling.verify_rewards": False})))
+    samplers = run_query(run_dir, "SELECT domain, list(DISTINCT split_part(checkpoint_id, '@', 1)) "
+                                  "FROM rollouts GROUP BY domain ORDER BY domain").fetchall()
+    # each domain's prompts were sampled by that domain's teacher, not by the student
+    assert samplers == [("code", ["teacher-code"]), ("math", ["teacher-math"])]
+    steps = run_query(run_dir, "SELECT count(*), min(clip_fraction), max(clip_fraction) FROM updates").fetchall()
+    assert steps == [(2, 0.0, 0.0)]  # SFT steps report no clipping
+    assert (RunLayout(run_dir).checkpoint_dir(0) / "model.safetensors").exists()
+    # verify_rewards off: the reward column stays null and the report still renders
+    assert run_query(run_dir, "SELECT count(reward) FROM rollouts").fetchall() == [(0,)]
+    assert (RunLayout(run_dir).report_dir() / "report.md").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"update.objective": "sft"}, "sampling.source to 'teacher'"),
+    ({"sampling.source": "teacher"}, "set update.objective to 'sft'"),
+])
+def test_off_policy_settings_must_agree(world, changes, message):
+    from gopd_core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config(make_config(world, "mismatch", **changes))

@@ -12,6 +12,7 @@ from gopd_core.objectives import (
     group_advantages,
     policy_loss,
     select_teacher_logprobs,
+    sft_loss,
 )
 
 
@@ -147,3 +148,24 @@ def test_group_advantages_trains_the_same_loss():
     loss.backward()
     # the rewarded sample's log-probs are pushed up (negative gradient), the other's down
     assert (logprobs.grad[0] < 0).all() and (logprobs.grad[1] > 0).all()
+
+
+def test_sft_loss_is_masked_negative_log_likelihood_with_gradient():
+    # token-mean over the 3 unmasked tokens: -(-1 - 2 - 0.5) / 3 = 3.5 / 3; the masked -9 is ignored
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    zeros = torch.zeros(2, 2)
+    loss, metrics = sft_loss(logprobs, zeros, zeros, mask)
+    assert loss.item() == pytest.approx(3.5 / 3)
+    loss.backward()
+    # d loss / d logprob = -1/3 on each counted token, 0 under the mask
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 3, -1 / 3], [-1 / 3, 0.0]]))
+    assert metrics["tokens"] == 3 and metrics["clip_fraction"] == 0.0
+
+
+def test_sft_loss_ignores_advantages_and_ratios():
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    first, _ = sft_loss(logprobs, torch.zeros(1, 2), torch.zeros(1, 2), mask)
+    second, _ = sft_loss(logprobs, torch.full((1, 2), -5.0), torch.full((1, 2), 3.0), mask)
+    assert first.item() == second.item() == pytest.approx(1.5)
