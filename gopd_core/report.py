@@ -24,20 +24,25 @@ FROM evals GROUP BY ALL ORDER BY updates, benchmark, metric
 """
 
 
+def _query(con, sql: str) -> list[dict]:
+    return con.sql(sql).arrow().read_all().to_pylist()
+
+
 def iteration_metrics(layout: RunLayout) -> list[dict]:
-    con = open_catalog(layout.run_dir)
-    return con.sql(ITERATION_METRICS_SQL).arrow().read_all().to_pylist()
+    return _query(open_catalog(layout.run_dir), ITERATION_METRICS_SQL)
 
 
 def accuracy_table(layout: RunLayout) -> list[dict]:
-    con = open_catalog(layout.run_dir)
-    return con.sql(ACCURACY_SQL).arrow().read_all().to_pylist()
+    return _query(open_catalog(layout.run_dir), ACCURACY_SQL)
 
 
-def before_after(layout: RunLayout) -> list[dict]:
-    """Per benchmark/metric: value before training (0 updates) and after the last evaluation."""
+def before_after(layout: RunLayout, accuracy: list[dict] | None = None) -> list[dict]:
+    """Per benchmark/metric: value before training (0 updates) and after the last evaluation.
+
+    accuracy: rows of `accuracy_table(layout)` if the caller already has them.
+    """
     table: dict[tuple, dict] = {}
-    for row in accuracy_table(layout):
+    for row in accuracy if accuracy is not None else accuracy_table(layout):
         entry = table.setdefault((row["benchmark"], row["metric"]), {"benchmark": row["benchmark"],
                                                                      "metric": row["metric"]})
         entry.setdefault("before", row["value"]) if row["updates"] == 0 else None
@@ -87,20 +92,25 @@ def _markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(layout: RunLayout) -> Path:
-    """Write report/metrics.png and report/report.md for the run; returns the Markdown path."""
-    metrics = iteration_metrics(layout)
-    accuracy = accuracy_table(layout)
-    plot = plot_metrics(layout, metrics, accuracy)
+def write_report(layout: RunLayout, plot: bool = True) -> Path:
+    """Write report/report.md (and report/metrics.png if `plot`) for the run; returns the Markdown path.
+
+    Plotting costs seconds (matplotlib), a large share of a short iteration's overhead; the
+    `distill` flow plots only after its last iteration (and `gopd report` always).
+    """
+    con = open_catalog(layout.run_dir)  # one catalog for both queries: opening one scans the store
+    metrics, accuracy = _query(con, ITERATION_METRICS_SQL), _query(con, ACCURACY_SQL)
+    png = plot_metrics(layout, metrics, accuracy) if plot else layout.report_dir() / "metrics.png"
     text = "\n\n".join([
         f"# gopd run `{layout.run_id}`",
         f"Data: `{layout.run_dir}` (query it: `gopd sql --run {layout.run_dir} \"SELECT ...\"`)",
-        "## Accuracy before / after", _markdown_table(before_after(layout),
+        "## Accuracy before / after", _markdown_table(before_after(layout, accuracy),
                                                       ["benchmark", "metric", "before", "after", "after_updates"]),
         "## Per iteration", _markdown_table(metrics, list(metrics[0]) if metrics else ["iteration"]),
-        f"![metrics]({plot.name})",
+        f"![metrics]({png.name})" if png.exists() else "(plots: written after the last iteration, or by `gopd report`)",
     ])
     path = layout.report_dir() / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".report.tmp.md")
     tmp.write_text(text + "\n")
     tmp.replace(path)

@@ -4,9 +4,11 @@ Shape suffixes: `_B` rows of a micro-batch, `_L` padded sequence positions, `_N`
 gathered from a micro-batch, `_H` hidden size, `_V` vocabulary.
 
 1. `response_logprobs` sorts rows by length and packs them into micro-batches of at most
-   `token_budget` padded tokens (rows * longest row), so a short row is never padded to the
-   longest row of the whole set.
-2. Each micro-batch is right-padded and run through the decoder only (no logits). The hidden states
+   `token_budget` padded tokens (rows * longest row), split where padding plus per-batch overhead
+   is least (`plan_microbatches`), so a short row is never padded to a much longer one.
+2. Each micro-batch is right-padded and run through the decoder only (no logits), with the causal
+   mask alone: right padding comes after every real token, so no real position attends to it,
+   and SDPA can skip the blocks above the diagonal instead of applying a (B, L, L) mask. The hidden states
    that predict response tokens are gathered, and `lm_head` is applied to them in chunks: each
    chunk's logits are upcast to fp32 for a logsumexp, and the chosen token's logit is gathered.
    No (B, L, V) float32 log_softmax is ever built.
@@ -44,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 Sequences = Sequence[tuple[Sequence[int], Sequence[int]]]
 
+# One forward pass costs about as much as this many extra padded tokens (python, small matmuls);
+# measured on the perf zoo's 25M model on 2 CPU cores: 16 tokens 66 ms, 64 tokens 132 ms.
+BATCH_OVERHEAD_TOKENS = 64
 LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per lm_head chunk: 128 MiB, e.g. 221 tokens of a 151k vocab
 INPUTS_MARKER = "_INPUTS.json"
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -71,22 +76,35 @@ class ScoreResult:
 # -- core: per-token log-probs ------------------------------------------------------------------
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group row indices into micro-batches with rows * longest row <= token_budget.
+def plan_microbatches(lengths: Sequence[int], token_budget: int,
+                      batch_overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Group row indices into micro-batches with rows * longest row <= token_budget, padding little.
 
-    Rows are taken longest first (an out-of-memory shows up on the first batch, not the last); a
-    single row longer than the budget gets a micro-batch of its own.
+    1. Sort rows longest first (an out-of-memory shows up on the first batch, not the last); every
+       micro-batch is a run of consecutive sorted rows, so it is padded to its own first row.
+    2. Dynamic programming over the split points picks the runs that minimise padded tokens plus
+       `batch_overhead_tokens` per micro-batch (the fixed cost of one forward pass, in tokens).
+       Greedy filling up to the budget padded a 250-token row to 500 whenever they shared a batch.
+    A single row longer than the budget gets a micro-batch of its own.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    batches: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        current = batches[-1] if batches else None
-        if current and (len(current) + 1) * lengths[current[0]] <= token_budget:
-            current.append(index)
-        else:
-            batches.append([index])
-    return batches
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best_cost = [0] + [float("inf")] * len(order)  # best_cost[k]: cheapest plan of the k longest rows
+    split = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, -1, -1):  # the batch is order[start:end], padded to order[start]
+            padded = (end - start) * lengths[order[start]]
+            if padded > token_budget and end - start > 1:
+                break
+            cost = best_cost[start] + padded + batch_overhead_tokens
+            if cost < best_cost[end]:
+                best_cost[end], split[end] = cost, start
+    batches, end = [], len(order)
+    while end > 0:
+        batches.append(order[split[end]:end])
+        end = split[end]
+    return batches[::-1]
 
 
 def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -122,26 +140,24 @@ def _selected_logprobs(
 
 def _pad_microbatch(
     rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs (prompt + response[:-1]) and where each response token is predicted.
 
-    Returns input_ids_BL, attention_mask_BL, and for the N response tokens of all rows in order:
-    row_N, position_N (the position whose hidden state predicts the token) and target_N.
+    Returns input_ids_BL, and for the N response tokens of all rows in order: row_N, position_N
+    (the position whose hidden state predicts the token) and target_N. No attention mask: with
+    right padding, the causal mask alone keeps every real position from seeing a pad token.
     """
     inputs = [list(prompt) + list(response[:-1]) for prompt, response in rows]
     longest = max(len(ids) for ids in inputs)
     input_ids_BL = torch.zeros(len(rows), longest, dtype=torch.long)
-    attention_mask_BL = torch.zeros(len(rows), longest, dtype=torch.long)
     row_N, position_N, target_N = [], [], []
     for b, (ids, (prompt, response)) in enumerate(zip(inputs, rows, strict=True)):
         input_ids_BL[b, :len(ids)] = torch.tensor(ids)
-        attention_mask_BL[b, :len(ids)] = 1
         row_N.extend([b] * len(response))
         position_N.extend(range(len(prompt) - 1, len(prompt) - 1 + len(response)))
         target_N.extend(response)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return (input_ids_BL.to(device), attention_mask_BL.to(device), as_long(row_N), as_long(position_N),
-            as_long(target_N))
+    return input_ids_BL.to(device), as_long(row_N), as_long(position_N), as_long(target_N)
 
 
 def _check_sequences(sequences: Sequences, vocab_size: int) -> None:
@@ -180,10 +196,11 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     for batch in plan_microbatches(lengths, token_budget):
         rows = [sequences[scored[j]] for j in batch]
-        input_ids_BL, attention_mask_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+        input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            hidden_BLH = decoder(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
-                                 use_cache=False).last_hidden_state
+            # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
+            # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
+            hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
             logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
                                             chunk_tokens)
         ends = np.cumsum([len(response) for _, response in rows])[:-1]

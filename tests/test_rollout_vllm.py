@@ -12,12 +12,14 @@ import os
 import sys
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 
 from gopd_core.models import load_model, render_prompt
 from gopd_core.rollout import PromptTooLongError, SamplingParams, open_engine
-from gopd_core.rollout.vllm_engine import VLLMWorkerError
+from gopd_core.rollout.vllm_engine import VLLMWorkerError, engine_dtype
+from gopd_core.scoring import response_logprobs
 from gopd_core.tokenizer import save_tokenizer
 from gopd_core.zoo import ModelShape, new_model
 from storage.parquet import write_shard
@@ -130,6 +132,23 @@ def test_same_seed_same_rollouts_in_any_batch(engine, prompts, first_rows):
     assert reversed_rows == {r["rollout_id"]: r["response_token_ids"] for r in first_rows}
     other_seed = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=48, seed=1), "run-v", 2)
     assert [r["response_token_ids"] for r in other_seed] != [r["response_token_ids"] for r in first_rows]
+
+
+def test_prompt_logprobs_match_our_scorer(engine, models, first_rows):
+    sequences = [(r["prompt_token_ids"], r["response_token_ids"]) for r in first_rows]
+    ours = response_logprobs(load_model(models[0], dtype=torch.float32), sequences)
+    theirs = engine.prompt_logprobs(sequences)
+    assert [len(values) for values in theirs] == [len(response) for _, response in sequences]
+    error = max(float(np.abs(np.asarray(t) - o).max()) for t, o in zip(theirs, ours))
+    assert error < 1e-3, f"vLLM prompt log-probs differ from response_logprobs by {error:.2e}"
+    assert engine.prompt_logprobs([]) == []
+
+
+def test_auto_dtype_is_float32_on_a_cpu_build():
+    # vLLM's own "auto" would run fp32 weights in emulated bf16 on a CPU: 3-5x slower
+    assert engine_dtype("auto", cpu_build=True) == "float32"
+    assert engine_dtype("auto", cpu_build=False) == "auto"
+    assert engine_dtype("bfloat16", cpu_build=True) == "bfloat16"
 
 
 def test_load_weights_switches_the_checkpoint(engine, models, prompts, first_rows):

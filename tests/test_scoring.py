@@ -23,6 +23,7 @@ from gopd_core.scoring import (
     score_rollouts,
 )
 from gopd_core.tokenizer import build_tokenizer, save_tokenizer
+from gopd_core.training import token_logprobs
 from storage.layout import RunLayout
 from storage.parquet import list_shards, read_shards, write_shard
 from storage.schemas import ROLLOUTS, SCORES
@@ -154,10 +155,21 @@ def test_plan_microbatches_respects_budget_and_buckets_lengths():
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) * max(lengths[i] for i in batch) <= 600
-    # 300 and 250 share a batch (2 x 300 = 600); the four short rows are not padded to 300
-    assert batches == [[1, 5], [3, 6, 2, 4, 0]]
+    # cost = padded tokens + 64 per batch: [300, 250] together 600 + 64 < apart 300 + 250 + 128;
+    # 60 alone (60 + 64) beats padding four short rows to 60 (5 x 60 + 64 vs 124 + 4 x 8 + 64)
+    assert batches == [[1, 5], [3], [6, 2, 4, 0]]
     # a row longer than the budget still gets scored, alone
     assert plan_microbatches([10, 2000], token_budget=100) == [[1], [0]]
+
+
+def test_plan_microbatches_pads_an_even_spread_little():
+    lengths = list(range(32, 512, 20))  # 24 rows, 32..492 tokens
+    batches = plan_microbatches(lengths, token_budget=8192)
+    padded = sum(len(batch) * lengths[batch[0]] for batch in batches)
+    # greedy filling to the budget padded 16 rows to 492 (~45% padding); the plan keeps it under 10%
+    assert padded <= 1.1 * sum(lengths)
+    assert all(len(batch) * lengths[batch[0]] <= 8192 for batch in batches)
+    assert [lengths[i] for batch in batches for i in batch] == sorted(lengths, reverse=True)
 
 
 def test_out_of_vocabulary_ids_refused(zoo):
@@ -314,3 +326,24 @@ def test_zoo_tokenizer_keeps_whitespace_in_a_model_directory(zoo):
     ids = tokenizer.encode("a b\nc", add_special_tokens=False)
     assert len(ids) == 5
     assert tokenizer.decode(ids) == "a b\nc"
+
+
+def test_update_log_probs_need_no_padding_mask_for_right_padded_rows(zoo):
+    # training.token_logprobs runs right-padded rows with the causal mask only, as the scorer does
+    model = load_model(zoo["student"])
+    rows = [row for row in random_sequences(seed=5) if row[1]][:4]
+    width, longest = max(len(r) for _, r in rows), max(len(p) + len(r) for p, r in rows)
+    input_ids_BL = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask_BL = torch.zeros_like(input_ids_BL)
+    for b, (prompt, response) in enumerate(rows):
+        input_ids_BL[b, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        mask_BL[b, :len(prompt) + len(response)] = 1
+    starts_B = torch.tensor([len(prompt) for prompt, _ in rows])
+    with torch.no_grad():
+        masked_BT = token_logprobs(model, input_ids_BL, mask_BL, starts_B, width)
+        causal_BT = token_logprobs(model, input_ids_BL, None, starts_B, width)
+    for b, (prompt, response) in enumerate(rows):
+        np.testing.assert_allclose(causal_BT[b, :len(response)].numpy(), masked_BT[b, :len(response)].numpy(),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(causal_BT[b, :len(response)].numpy(), full_pass_logprobs(model, prompt, response),
+                                   atol=1e-4, rtol=0)

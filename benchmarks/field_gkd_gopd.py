@@ -1,0 +1,102 @@
+"""gopd side of `field_gkd.py`: the same on-policy distillation step with gopd's stages; prints one JSON line.
+
+Runs in the project's environment, in its own process so its peak memory is its own. Usage:
+
+    python3 benchmarks/field_gkd_gopd.py SETTINGS_JSON
+
+One step is one G-OPD iteration at lam = 1 on a temporary run directory, through
+`gopd_core.pipeline` exactly as the `distill` flow calls it:
+1. `rollout_stage`: the current checkpoint samples `batch` prompts x 1 sample (HF engine,
+   temperature 1, top_p 1, `max_new_tokens`) and writes the rollouts shard.
+2. `score_stage` with the student (log-probs before the update) and the math teacher. At lam = 1 the
+   reference cancels (A_t = teacher - student), so the reference scorer of `plan_scorers` is left out.
+3. `update_stage`: one AdamW step (one minibatch, one micro-batch), then the new checkpoint is
+   written; the next step starts from it.
+Step 0 is the warm-up and is reported apart. Wall and process CPU seconds are kept per step, and each
+stage's wall seconds for the breakdown.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gopd_core.config import parse_config
+from gopd_core.pipeline import plan_scorers, prepare_run, rollout_stage, score_stage, update_stage
+from gopd_core.rollout import SamplingParams
+from storage.readers import read_rollouts
+
+REFERENCE_ROLES = ("reference", "teacher-base")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_config(settings: dict, storage_root: Path):
+    batch, max_new_tokens = settings["batch"], settings["max_new_tokens"]
+    return parse_config({
+        "run_id": "field-gkd", "storage_root": str(storage_root), "iterations": settings["steps"] + 1,
+        "seed": settings["seed"], "models": {"student": settings["student"], "teachers": {"math": settings["teacher"]}},
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "n": 1},
+        "update": {"reward_scale": 1.0, "lr": settings["lr"], "minibatches": 1,
+                   "micro_token_budget": max(4096, batch * (max_new_tokens + 512))},  # the whole batch at once
+        "data": {"train": [settings["prompts"]], "prompts_per_iteration": batch},
+    })
+
+
+def one_step(layout, config, iteration: int, checkpoint: Path) -> tuple[Path, dict[str, float]]:
+    """Rollout, score (student + teacher), update; returns the new checkpoint and seconds per stage."""
+    seconds, sampling = {}, config.sampling
+    started = time.perf_counter()
+    rollout_stage(layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
+                  sampling=SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                          max_new_tokens=sampling.max_new_tokens, n=sampling.n),
+                  seed=config.seed)
+    seconds["rollout"] = time.perf_counter() - started
+    started = time.perf_counter()
+    scorers = [s for s in plan_scorers(config, checkpoint, ["math"]) if s.role not in REFERENCE_ROLES]
+    written = score_stage(layout, iteration, scorers, student_tokenizer=config.models.student,
+                          token_budget=config.score_token_budget, chunk_rows=config.score_chunk_rows)
+    seconds["score"] = time.perf_counter() - started
+    started = time.perf_counter()
+    checkpoint = update_stage(layout, iteration, checkpoint, written, config)
+    seconds["update"] = time.perf_counter() - started
+    return checkpoint, seconds
+
+
+def main(settings: dict) -> dict:
+    torch.set_num_threads(settings["threads"])
+    torch.manual_seed(settings["seed"])
+    rss_after_imports = peak_rss_mb()
+    with tempfile.TemporaryDirectory(prefix="field-gkd-", dir=settings.get("scratch")) as scratch:
+        config = run_config(settings, Path(scratch))
+        layout = prepare_run(config)
+        checkpoint, steps = Path(config.models.student), []
+        for iteration in range(settings["steps"] + 1):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            checkpoint, stages = one_step(layout, config, iteration, checkpoint)
+            steps.append({"step_s": time.perf_counter() - started, "step_cpu_s": time.process_time() - cpu_started,
+                          **{f"{k}_s": v for k, v in stages.items()}})
+        lengths = [len(t) for it in range(len(steps))
+                   for t in read_rollouts(layout, it, ["response_token_ids"]).column("response_token_ids").to_pylist()]
+    warmup, *measured = steps
+    return {
+        "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+        "warmup_step_s": warmup["step_s"], "step_s": [s["step_s"] for s in measured],
+        "step_cpu_s": [s["step_cpu_s"] for s in measured],
+        "stages_s": measured, "warmup_stages_s": warmup,
+        "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "responses": len(lengths),
+        "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
+    }
+
+
+if __name__ == "__main__":
+    result = main(json.loads(Path(sys.argv[1]).read_text()))
+    print("RESULT " + json.dumps(result), flush=True)
