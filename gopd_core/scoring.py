@@ -46,9 +46,13 @@ logger = logging.getLogger(__name__)
 
 Sequences = Sequence[tuple[Sequence[int], Sequence[int]]]
 
-# One forward pass costs about as much as this many extra padded tokens (python, small matmuls);
-# measured on the perf zoo's 25M model on 2 CPU cores: 16 tokens 66 ms, 64 tokens 132 ms.
+# One forward pass costs about as much as this many extra padded tokens (python, kernel launches),
+# by device type. CPU: measured on the perf zoo's 25M model on 2 cores (16 tokens 66 ms, 64 tokens
+# 132 ms). CUDA: an eager forward launches ~10 kernels per layer, worth thousands of tokens on a
+# GPU: on an H200 the CPU value split 512 rows into 44 forwards; 4096 was fastest or within 3% of it
+# for a 100M and a 0.9B model (benchmarks/results/perf_gpu_sweep.jsonl).
 BATCH_OVERHEAD_TOKENS = 64
+BATCH_OVERHEAD_TOKENS_BY_DEVICE = {"cpu": BATCH_OVERHEAD_TOKENS, "cuda": 4096}
 LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per lm_head chunk: 128 MiB, e.g. 221 tokens of a 151k vocab
 INPUTS_MARKER = "_INPUTS.json"
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -175,7 +179,7 @@ def _check_sequences(sequences: Sequences, vocab_size: int) -> None:
 @torch.inference_mode()
 def response_logprobs(
     model: torch.nn.Module, sequences: Sequences, token_budget: int = 8192, dtype: torch.dtype | None = None,
-    *, logit_chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+    *, logit_chunk_elements: int = LOGIT_CHUNK_ELEMENTS, batch_overhead_tokens: int | None = None,
 ) -> list[np.ndarray]:
     """Log-prob of each response token under `model`, one float32 array (len(response),) per row.
 
@@ -184,6 +188,8 @@ def response_logprobs(
     dtype: compute dtype; None runs in the model's own dtype, another dtype runs under
         torch.autocast (e.g. bfloat16 matmuls over fp32 weights). The logsumexp is always fp32.
     logit_chunk_elements: most logits (tokens x vocab) materialised at once.
+    batch_overhead_tokens: the fixed cost of one forward pass in padded tokens, for the micro-batch
+        plan (`plan_microbatches`); None takes the device type's (BATCH_OVERHEAD_TOKENS_BY_DEVICE).
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     _check_sequences(sequences, model.get_input_embeddings().num_embeddings)
@@ -194,7 +200,9 @@ def response_logprobs(
     results = [np.zeros(0, dtype=np.float32) for _ in sequences]
     scored = [i for i, (_, response) in enumerate(sequences) if len(response)]
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
-    for batch in plan_microbatches(lengths, token_budget):
+    if batch_overhead_tokens is None:
+        batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
+    for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
         rows = [sequences[scored[j]] for j in batch]
         input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):

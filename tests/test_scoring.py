@@ -144,9 +144,12 @@ def test_results_independent_of_token_budget_and_logit_chunks(zoo):
     one_by_one = response_logprobs(model, sequences, token_budget=64)
     all_at_once = response_logprobs(model, sequences, token_budget=100_000)
     tiny_chunks = response_logprobs(model, sequences, token_budget=100_000, logit_chunk_elements=3 * VOCAB)
-    for a, b, c in zip(one_by_one, all_at_once, tiny_chunks, strict=True):
+    # the GPU's per-forward cost (fewer, fuller micro-batches) plans differently, scores the same
+    gpu_plan = response_logprobs(model, sequences, token_budget=100_000, batch_overhead_tokens=4096)
+    for a, b, c, d in zip(one_by_one, all_at_once, tiny_chunks, gpu_plan, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
         np.testing.assert_allclose(c, b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(d, b, atol=1e-5, rtol=0)
 
 
 def test_plan_microbatches_respects_budget_and_buckets_lengths():
@@ -160,6 +163,13 @@ def test_plan_microbatches_respects_budget_and_buckets_lengths():
     assert batches == [[1, 5], [3], [6, 2, 4, 0]]
     # a row longer than the budget still gets scored, alone
     assert plan_microbatches([10, 2000], token_budget=100) == [[1], [0]]
+
+
+def test_plan_microbatches_with_a_large_per_forward_cost_makes_fewer_batches():
+    lengths = list(range(32, 512, 20))
+    cpu, gpu = plan_microbatches(lengths, 8192, 64), plan_microbatches(lengths, 8192, 4096)
+    assert len(gpu) < len(cpu)
+    assert all(len(batch) * lengths[batch[0]] <= 8192 for batch in gpu)
 
 
 def test_plan_microbatches_pads_an_even_spread_little():
