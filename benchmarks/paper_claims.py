@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -200,20 +200,18 @@ def run_all(jobs: list[Job], zoo: Path, runs: Path, work: Path, scale: Scale, wo
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(str(work / "prefect"),)) as pool:
         futures = {pool.submit(run_job, job, str(zoo), str(runs), scale): job for job in todo}
-        for number, future in enumerate(_as_completed(futures), 1):
+        for number, future in enumerate(as_completed(futures), 1):
             job = futures[future]
-            record = future.result()  # a failed job stops the benchmark: its error is the finding
+            try:
+                record = future.result()
+            except Exception as err:  # a failed job stops the benchmark; finished jobs stay done for a rerun
+                raise RuntimeError(f"job {job.name} failed ({type(err).__name__}: {err}); its run is under "
+                                   f"{runs / job.name}; fix it and rerun the same command to resume") from err
             write_json_atomic(done_dir / f"{job.name}.json", record)
             results[job.name] = record
             print(f"[{number}/{len(todo)}] {job.name}: {record['job_wall_s']:.0f}s, final accuracy "
                   f"{paper_claims_report.final_accuracy(record)}", flush=True)
     return [results[job.name] for job in jobs]
-
-
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 def machine() -> dict:
@@ -245,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or ROOT / "benchmarks" / ".cache" / ("claims-quick" if args.quick else "claims")).resolve()
     out = (args.out or (work if args.quick else ROOT / "benchmarks" / "results")).resolve()
     if args.rewrite:
+        if not (out / "paper_claims.json").exists():
+            parser.error(f"--rewrite needs {out / 'paper_claims.json'} from an earlier run")
         payload = json.loads((out / "paper_claims.json").read_text())
         written = paper_claims_report.write_outputs(paper_claims_report.records_from_json(payload), payload["meta"], out)
         print("rewrote " + ", ".join(str(p) for p in written))

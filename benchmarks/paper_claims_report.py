@@ -108,12 +108,12 @@ def judge_claims(summary: dict) -> list[dict]:
             # "match or surpass": not clearly below the teacher.
             item["verdict"] = {"held": "held", "within noise": "held", "reversed": "reversed"}.get(
                 item["verdict"], item["verdict"])
-            claim2.append(item)
+            claim2.append({**item, "part": method})
         item = _compare(summary, ("multi-teacher", "OPD", domain), teacher, f"multi-teacher {domain}: OPD vs teacher-{domain}")
         if "difference" in item:  # the claim is that OPD stays below the teacher
             item["verdict"] = "held" if item["difference"] < 0 else "not below"
         item["comparison"] += " (claim: OPD stays below)"
-        claim2.append(item)
+        claim2.append({**item, "part": "OPD"})
     claim3 = [_compare(summary, ("strong-to-weak", f"ExOPD+RC lam={lam}", "math"),
                        ("strong-to-weak", f"ExOPD lam={lam}", "math"), f"strong-to-weak math: RC vs no RC at lam={lam}")
               for lam in ("1.25", "1.5")]
@@ -129,13 +129,11 @@ def judge_claims(summary: dict) -> list[dict]:
 
 def _merge_verdict(items: list[dict]) -> str:
     """Claim 2 is a conjunction: some ExOPD lam matches every teacher on its domain AND OPD stays below."""
-    def verdict(domain: str, part: str) -> list[str]:
-        return [i["verdict"] for i in items if i["comparison"].startswith(f"multi-teacher {domain}:") and part in i["comparison"]]
+    def all_held(part: str) -> bool:
+        return all(i["verdict"] == "held" for i in items if i["part"] == part)
 
-    domains = ("math", "code")
-    exopd_matches = any(all(v == "held" for d in domains for v in verdict(d, f"ExOPD lam={lam} ")) for lam in ("1.25", "1.5"))
-    opd_below = all(v == "held" for d in domains for v in verdict(d, "OPD vs"))
-    if exopd_matches and opd_below:
+    exopd_matches = any(all_held(f"ExOPD lam={lam}") for lam in ("1.25", "1.5"))
+    if exopd_matches and all_held("OPD"):
         return "held"
     if exopd_matches:
         return "partly held (ExOPD matches the teachers, but OPD does too)"
@@ -175,7 +173,8 @@ def markdown(records: list[dict], summary: dict, claims: list[dict], meta: dict)
         f"<= {scale['max_new_tokens']} tokens), AdamW lr {scale['lr']}, {scale['minibatches']} steps per iteration. "
         f"Accuracy = avg@{scale['eval_samples']} (temperature 0.7) on the first {scale['eval_prompts']} held-out "
         f"test prompts per domain, evaluated every {scale['eval_every']} iterations (multi-teacher: every "
-        f"{max(1, round(scale['eval_every'] * 1.5))}); tables give the final "
+        f"{max(1, round(scale['eval_every'] * meta['settings']['multi-teacher'].get('eval_every_factor', 1)))}); "
+        "tables give the final "
         "iteration, mean ± standard deviation over seeds.", "",
         "## Summary", "",
         *_summary(summary, claims), "",
@@ -193,7 +192,7 @@ def markdown(records: list[dict], summary: dict, claims: list[dict], meta: dict)
         lines.append("")
     lines += ["Verdict rule: a difference of means counts only beyond two standard errors (seeds); "
               "'within noise' means this scale cannot tell. For claim 2, 'match' means not clearly below the teacher. "
-              f"With {meta['scale']['seeds'].__len__()} seeds the standard errors are themselves rough: read a 'held' "
+              f"With {len(meta['scale']['seeds'])} seeds the standard errors are themselves rough: read a 'held' "
               "whose band is much narrower than the spread in the tables below with care.", "",
               "## Context: did training move the student at all?", "",
               "Each method's final accuracy against the student base it started from (same rule):", ""]

@@ -14,7 +14,6 @@ from gopd_core.config import RunConfig, load_config, parse_config
 from gopd_core.report import write_report
 from gopd_core.rollout import SamplingParams
 from storage.layout import RunLayout
-from storage.readers import read_prompts
 
 TASK_POLICY = {"retries": 1, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
 
@@ -37,8 +36,7 @@ def rollout(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConf
 
 @task(**TASK_POLICY)
 def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig) -> dict[str, str]:
-    domains = sorted(set(read_prompts(layout, "train").column("domain").to_pylist()))
-    scorers = pipeline.plan_scorers(config, checkpoint, domains)
+    scorers = pipeline.plan_scorers(config, checkpoint, pipeline.train_domains(layout))
     return pipeline.run_once(layout, iteration, "score", lambda: pipeline.score_stage(
         layout, iteration, scorers, student_tokenizer=Path(config.models.student),
         token_budget=config.score_token_budget, chunk_rows=config.score_chunk_rows, device=config.device),

@@ -145,8 +145,12 @@ def rollout_samplers(config: RunConfig, layout: RunLayout) -> dict[str, Path] | 
     """`rollout_stage`'s `sampler_by_domain`: None when the student samples, else each train domain's teacher."""
     if config.sampling.source == "student":
         return None
-    domains = set(read_prompts(layout, "train").column("domain").to_pylist())
-    return {domain: Path(config.models.teacher_for(domain)) for domain in sorted(domains)}
+    return {domain: Path(config.models.teacher_for(domain)) for domain in train_domains(layout)}
+
+
+def train_domains(layout: RunLayout) -> list[str]:
+    """The domains of the run's stored training prompts, sorted."""
+    return sorted(set(read_prompts(layout, "train").column("domain").to_pylist()))
 
 
 def checkpoint_id(checkpoint: Path) -> str:
