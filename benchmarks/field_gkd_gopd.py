@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 from gopd_core.config import parse_config
-from gopd_core.pipeline import plan_scorers, prepare_run, rollout_stage, score_stage, update_stage
+from gopd_core.pipeline import (
+    keep_models_loaded,
+    plan_scorers,
+    prepare_run,
+    rollout_stage,
+    score_stage,
+    update_stage,
+)
 from gopd_core.rollout import SamplingParams
 from storage.readers import read_rollouts
 
@@ -44,7 +51,8 @@ def run_config(settings: dict, storage_root: Path):
     return parse_config({
         "run_id": "field-gkd", "storage_root": str(storage_root), "iterations": settings["steps"] + 1,
         "seed": settings["seed"], "models": {"student": settings["student"], "teachers": {"math": settings["teacher"]}},
-        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "n": 1},
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "n": 1,
+                     "verify_rewards": False},  # monitoring only; TRL's step verifies nothing either
         "update": {"reward_scale": 1.0, "lr": settings["lr"], "minibatches": 1,
                    "micro_token_budget": max(4096, batch * (max_new_tokens + 512))},  # the whole batch at once
         "data": {"train": [settings["prompts"]], "prompts_per_iteration": batch},
@@ -58,7 +66,7 @@ def one_step(layout, config, iteration: int, checkpoint: Path) -> tuple[Path, di
     rollout_stage(layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
                   sampling=SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                           max_new_tokens=sampling.max_new_tokens, n=sampling.n),
-                  seed=config.seed)
+                  seed=config.seed, verify_rewards=config.sampling.verify_rewards)
     seconds["rollout"] = time.perf_counter() - started
     started = time.perf_counter()
     scorers = [s for s in plan_scorers(config, checkpoint, ["math"]) if s.role not in REFERENCE_ROLES]
@@ -79,11 +87,12 @@ def main(settings: dict) -> dict:
         config = run_config(settings, Path(scratch))
         layout = prepare_run(config)
         checkpoint, steps = Path(config.models.student), []
-        for iteration in range(settings["steps"] + 1):
-            started, cpu_started = time.perf_counter(), time.process_time()
-            checkpoint, stages = one_step(layout, config, iteration, checkpoint)
-            steps.append({"step_s": time.perf_counter() - started, "step_cpu_s": time.process_time() - cpu_started,
-                          **{f"{k}_s": v for k, v in stages.items()}})
+        with keep_models_loaded(config.resident_models):  # as the distill flow does
+            for iteration in range(settings["steps"] + 1):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                checkpoint, stages = one_step(layout, config, iteration, checkpoint)
+                steps.append({"step_s": time.perf_counter() - started, "step_cpu_s": time.process_time() - cpu_started,
+                              **{f"{k}_s": v for k, v in stages.items()}})
         lengths = [len(t) for it in range(len(steps))
                    for t in read_rollouts(layout, it, ["response_token_ids"]).column("response_token_ids").to_pylist()]
     warmup, *measured = steps

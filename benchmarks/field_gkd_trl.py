@@ -66,10 +66,13 @@ class CountingGKDTrainer(GKDTrainer):
     """GKDTrainer that records how many response tokens each on-policy sample had (for the report only)."""
 
     response_tokens: list[int] = []
+    generate_seconds: list[float] = []
 
     @staticmethod
     def generate_on_policy_outputs(model, inputs, generation_config):
+        started = time.perf_counter()
         input_ids, attention_mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+        CountingGKDTrainer.generate_seconds.append(time.perf_counter() - started)
         CountingGKDTrainer.response_tokens.extend((labels != -100).sum(dim=1).tolist())
         return input_ids, attention_mask, labels
 
@@ -107,6 +110,7 @@ def main(settings: dict) -> dict:
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "warmup_step_s": warmup, "step_s": measured, "step_cpu_s": clock.cpu_seconds[1:],
+        "generate_s": CountingGKDTrainer.generate_seconds[1:],
         "mean_response_tokens": sum(tokens) / max(1, len(tokens)), "responses": len(tokens),
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,

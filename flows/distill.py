@@ -77,7 +77,7 @@ def distill(config_path: str | None = None, config: dict | None = None, override
     """
     run_config = load_config(config_path, overrides) if config_path else parse_config(config or {}, "config")
     layout = RunLayout.under(run_config.storage_root, run_config.run_id)
-    with layout.lock():
+    with layout.lock(), pipeline.keep_models_loaded(run_config.resident_models):
         layout = prepare(run_config)
         checkpoint = Path(run_config.models.student)
         if _should_evaluate(run_config, 0):

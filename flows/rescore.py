@@ -43,7 +43,7 @@ def rescore(run_dir: str, model: str, role: str = "reference", domain: str | Non
     config = pipeline.read_run_config(layout)
     scorer = pipeline.Scorer(role, Path(model), domain, "ground_truth" if role == "context-teacher" else None)
     written = {}
-    with layout.lock():
+    with layout.lock(), pipeline.keep_models_loaded(config.resident_models):  # one load for all iterations
         for iteration in iterations if iterations is not None else stored_iterations(layout):
             written[iteration] = rescore_iteration(layout, iteration, scorer, Path(config.models.student),
                                                    config.score_token_budget, config.score_chunk_rows, config.device)

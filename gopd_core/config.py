@@ -128,6 +128,10 @@ class RunConfig(_Frozen):
     device: str = "cpu"
     score_token_budget: int = Field(8192, ge=64)
     score_chunk_rows: int = Field(256, ge=1)
+    resident_models: int = Field(
+        4, ge=0, description="Models the run keeps loaded between stages (student, teachers, reference), so no "
+                             "stage reloads weights another stage already holds; 0 loads every model from disk "
+                             "each time (least memory). Results are the same either way.")
     models: ModelsConfig
     sampling: SamplingConfig = SamplingConfig()
     update: UpdateConfig = UpdateConfig()

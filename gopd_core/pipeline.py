@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,14 @@ from transformers import AutoConfig
 
 from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
-from gopd_core.models import check_same_vocab, load_tokenizer, model_hash, render_prompt
+from gopd_core.models import (
+    RESIDENT,
+    check_same_vocab,
+    has_dropout,
+    load_tokenizer,
+    model_hash,
+    render_prompt,
+)
 from gopd_core.rollout import SamplingParams, check_prompt_lengths, open_engine
 from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
 from storage.datasets import load_prompts
@@ -28,6 +37,9 @@ from storage.readers import read_prompts, rollout_shards
 from storage.schemas import EVALS, PROMPTS, ROLLOUTS, UPDATES
 
 log = logging.getLogger(__name__)
+
+# config keys a resumed run may change: they do not change what is computed
+RESUMABLE_CHANGES = frozenset({"iterations", "resident_models"})
 
 
 @dataclass(frozen=True)
@@ -86,11 +98,27 @@ def prepare_run(config: RunConfig) -> RunLayout:
 
 
 def _check_same_run(stored: dict, current: dict, layout: RunLayout) -> None:
-    """A rerun of a run id must use the same config (only `iterations` may grow), or resuming would mix data."""
-    changed = sorted(k for k in set(stored) | set(current) if k != "iterations" and stored.get(k) != current.get(k))
+    """A rerun of a run id must use the same config (`iterations` may grow), or resuming would mix data."""
+    changed = sorted(k for k in set(stored) | set(current)
+                     if k not in RESUMABLE_CHANGES and stored.get(k) != current.get(k))
     if changed:
         raise ConfigError(f"run {layout.run_dir} already exists with a different config ({', '.join(changed)} "
                           "changed); use a new run_id, or the same config to resume")
+
+
+@contextmanager
+def keep_models_loaded(capacity: int) -> Iterator[None]:
+    """Inside, the stages share up to `capacity` loaded models (`models.RESIDENT`); all are released on exit.
+
+    The update hands its trained model (and optimizer) to the next iteration's rollout, scoring and
+    update, and the teachers and reference are loaded once per run instead of once per iteration.
+    """
+    previous, RESIDENT.capacity = RESIDENT.capacity, capacity
+    try:
+        yield
+    finally:
+        RESIDENT.clear()
+        RESIDENT.capacity = previous
 
 
 def _engine_options(backend: str, device: str) -> dict:
@@ -158,12 +186,24 @@ def checkpoint_id(checkpoint: Path) -> str:
     return f"{Path(checkpoint).name}@{model_hash(checkpoint)[:8]}"
 
 
+def student_scored_in_update(config: RunConfig) -> bool:
+    """True when the update's own forward pass gives the student's log-probs, so no scoring pass runs.
+
+    With one optimizer step over all rollouts (`update.minibatches` 1, the G-OPD objective), the
+    update's forward pass runs exactly the weights that sampled, before any step: its log-probs are
+    the scoring pass's, one forward pass of the student fewer per iteration. Not for a student with
+    dropout, whose training-mode forward pass would add noise a scoring pass does not.
+    """
+    return (config.update.minibatches == 1 and config.update.objective == "gopd"
+            and not has_dropout(config.models.student))
+
+
 def plan_scorers(config: RunConfig, checkpoint: Path, domains: list[str]) -> list[Scorer]:
-    """Student (current weights), each domain's teacher, and the configured reference."""
+    """Student (current weights; unless `student_scored_in_update`), each domain's teacher, the reference."""
     models = config.models
     context = None if models.teacher_context == "none" else models.teacher_context
     teacher_role = "teacher" if context is None else "context-teacher"
-    scorers = [Scorer("student", Path(checkpoint))]
+    scorers = [] if student_scored_in_update(config) else [Scorer("student", Path(checkpoint))]
     teacher_of = {d: Path(models.teacher_for(d)) for d in sorted(domains)}
     if len(set(teacher_of.values())) == 1 and context is None:
         scorers.append(Scorer(teacher_role, next(iter(teacher_of.values())), None, None))
@@ -190,8 +230,8 @@ def score_stage(layout: RunLayout, iteration: int, scorers: list[Scorer], *, stu
     return written
 
 
-def score_sets_from(written: dict[str, str]) -> ScoreSets:
-    """Turn `score_stage`'s {"role[:domain]": hash} into the update's `ScoreSets`."""
+def score_sets_from(written: dict[str, str], student_in_update: bool = False) -> ScoreSets:
+    """Turn `score_stage`'s {"role[:domain]": hash} into the update's `ScoreSets` (student None if it scores itself)."""
     teachers, student, reference = {}, None, None
     for key, digest in written.items():
         role, _, domain = key.partition(":")
@@ -201,7 +241,7 @@ def score_sets_from(written: dict[str, str]) -> ScoreSets:
             teachers[domain or "default"] = (role, digest)
         elif role in ("reference", "teacher-base"):
             reference = (role, digest)
-    if student is None or not teachers:
+    if (student is None and not student_in_update) or not teachers:
         raise ValueError(f"scores are missing the student or a teacher: {sorted(written)}")
     return ScoreSets(student=student, teachers=teachers, reference=reference)
 
@@ -211,14 +251,15 @@ def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: d
     """The lam-weighted policy update; writes the checkpoint and the updates table, returns the checkpoint."""
     update = config.update
     new_checkpoint, step_rows = update_policy(
-        layout, iteration, checkpoint, score_sets_from(written), reward_scale=update.reward_scale,
+        layout, iteration, checkpoint, score_sets_from(written, student_scored_in_update(config)),
+        reward_scale=update.reward_scale,
         reference_role=config.models.reference_role(),
         loss_settings=LossSettings(update.clip_low, update.clip_high, update.is_threshold, update.aggregation,
                                    update.objective),
         optimizer_settings=OptimizerSettings(update.lr, update.weight_decay, update.warmup_steps,
                                              update.max_grad_norm),
         minibatches=update.minibatches, micro_token_budget=update.micro_token_budget, seed=config.seed,
-        device=config.device)
+        device=config.device, score_chunk_rows=config.score_chunk_rows)
     write_shard(step_rows, layout.updates_path(iteration), UPDATES)
     return new_checkpoint
 

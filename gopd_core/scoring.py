@@ -23,6 +23,7 @@ gathered from a micro-batch, `_H` hidden size, `_V` vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gopd_core.models import check_same_vocab, load_model, load_tokenizer, model_hash, render_prompt
+from gopd_core.models import (
+    RESIDENT,
+    check_same_vocab,
+    load_tokenizer,
+    model_hash,
+    prepacked_linears,
+    render_prompt,
+)
 from storage.layout import RunLayout, write_json_atomic
 from storage.parquet import CorruptShardError, iter_batches, open_shard, write_shard
 from storage.schemas import ROLLOUTS, SCORES
@@ -202,19 +210,25 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
-    for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
-        rows = [sequences[scored[j]] for j in batch]
-        input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
-            # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
-            hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
-            logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
-                                            chunk_tokens)
-        ends = np.cumsum([len(response) for _, response in rows])[:-1]
-        for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
-            results[scored[j]] = values
+    with contextlib.nullcontext() if autocast else prepacked_linears(model):  # autocast needs the stock op
+        for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
+            _score_microbatch(decoder, lm_head, transform, chunk_tokens, dtype, autocast, device,
+                              [sequences[scored[j]] for j in batch], [scored[j] for j in batch], results)
     return results
+
+
+def _score_microbatch(decoder, lm_head, transform, chunk_tokens: int, dtype, autocast: bool, device: torch.device,
+                      rows: Sequences, indices: list[int], results: list[np.ndarray]) -> None:
+    """Score one micro-batch of `rows` into `results[indices]` (see `response_logprobs`)."""
+    input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
+        # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
+        hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
+        logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform, chunk_tokens)
+    ends = np.cumsum([len(response) for _, response in rows])[:-1]
+    for index, values in zip(indices, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
+        results[index] = values
 
 
 # -- context distillation -----------------------------------------------------------------------
@@ -373,6 +387,14 @@ def _scores_table(chunk: pa.Table, logprobs: list[np.ndarray], role: str, domain
     })
 
 
+def _check_lengths(role: str, rollout_ids: list[str], logprobs: list[np.ndarray], lengths: pa.Array) -> None:
+    """One log-prob per response token of every row, or the row is refused before anything is written."""
+    for rollout_id, values, length in zip(rollout_ids, logprobs, lengths.to_pylist(), strict=True):
+        if len(values) != length:
+            raise ValueError(f"{role} log-probs of rollout {rollout_id}: {len(values)} values for {length} "
+                             "response tokens")
+
+
 def _check_arguments(role: str, domain: str | None, context: str | None, prompts, chunk_rows: int) -> None:
     if not role or "/" in role:
         raise ValueError(f"role must be a non-empty name without '/', got {role!r}")
@@ -403,6 +425,43 @@ def score_rollouts(
     tokenizer = load_tokenizer(model_path)
     if student_tokenizer_path is not None:
         check_same_vocab(load_tokenizer(student_tokenizer_path), tokenizer, f"{role} model {model_path}")
+    model, rendered = None, {}
+
+    def chunk_logprobs(chunk: pa.Table) -> list[np.ndarray]:
+        nonlocal model
+        if model is None:  # loaded on the first chunk not already on disk
+            model = RESIDENT.get(model_path, dtype=dtype, device=device)
+        return response_logprobs(model, _chunk_sequences(chunk, tokenizer, context, prompts, rendered), token_budget,
+                                 dtype)
+
+    return _write_score_set(layout, iteration, rollout_shards, model_path, role, domain, context, chunk_rows,
+                            chunk_logprobs, progress)
+
+
+def store_scores(layout: RunLayout, iteration: int, rollout_shards: list[Path], model_path: str | Path, role: str,
+                 logprobs_by_rollout: dict[str, np.ndarray], *, chunk_rows: int = 256) -> ScoreResult:
+    """Store log-probs computed elsewhere as the score set `score_rollouts` would write for them.
+
+    The update computes the student's log-probs in its own forward pass when one optimizer step
+    uses every rollout (`pipeline.student_scored_in_update`); stored here, they serve the audit
+    tables and later lam re-runs exactly like a scoring pass, and a later `score_rollouts` call with
+    the same inputs is a cache hit. Rollouts missing from `logprobs_by_rollout` must have empty
+    responses (they score no token).
+    """
+    _check_arguments(role, None, None, None, chunk_rows)
+
+    def chunk_logprobs(chunk: pa.Table) -> list[np.ndarray]:
+        empty = np.zeros(0, np.float32)
+        return [logprobs_by_rollout.get(rollout_id, empty) for rollout_id in chunk.column("rollout_id").to_pylist()]
+
+    return _write_score_set(layout, iteration, rollout_shards, model_path, role, None, None, chunk_rows,
+                            chunk_logprobs, progress=False)
+
+
+def _write_score_set(layout: RunLayout, iteration: int, rollout_shards: list[Path], model_path: str | Path,
+                     role: str, domain: str | None, context: str | None, chunk_rows: int,
+                     chunk_logprobs: Callable[[pa.Table], list[np.ndarray]], progress: bool) -> ScoreResult:
+    """Write one score set, a shard per chunk of rollouts, resuming an interrupted set; see `score_rollouts`."""
     key = score_key(model_path, context)
     directory = layout.scores_dir(iteration, role, key)
     directory = directory / f"domain={domain}" if domain is not None else directory
@@ -412,16 +471,14 @@ def score_rollouts(
         logger.info("%s scores of %d rows already in %s (cache hit)", role, cached.rows, directory)
         return cached
     _start_or_resume(directory, identity)
-    model, rendered, paths, rows = None, {}, [], 0
+    paths, rows = [], 0
     bar = tqdm(total=count_rollouts(rollout_shards, domain), unit="row", desc=f"score {role}", disable=not progress)
     for k, chunk in enumerate(rollout_chunks(rollout_shards, chunk_rows, domain)):
         path = directory / f"part-{k:05d}.parquet"
         rollout_ids = chunk.column("rollout_id").to_pylist()
         if not _shard_holds(path, rollout_ids):
-            if model is None:
-                model = load_model(model_path, dtype=dtype, device=device)
-            sequences = _chunk_sequences(chunk, tokenizer, context, prompts, rendered)
-            logprobs = response_logprobs(model, sequences, token_budget, dtype)
+            logprobs = chunk_logprobs(chunk)
+            _check_lengths(role, rollout_ids, logprobs, pc.list_value_length(chunk.column("response_token_ids")))
             write_shard(_scores_table(chunk, logprobs, role, domain, str(model_path), key), path, SCORES)
         paths.append(path)
         rows += chunk.num_rows

@@ -3,7 +3,9 @@
 1. Read the iteration's rollouts and the score sets named by `ScoreSets` (student = the trainer's
    log-probs before the update, each domain's teacher, the reference).
 2. Advantages A_t = lam * (teacher - ref) - (student - ref) per token (`objectives.gopd_advantages`,
-   the row's own domain teacher via `select_teacher_logprobs`).
+   the row's own domain teacher via `select_teacher_logprobs`). With no stored student set (one
+   optimizer step over all rollouts), the step's own forward pass gives the student's log-probs
+   before the update; they are used as the scoring pass's would be, and stored as its score set.
 3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
    padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
    (or `objectives.sft_loss` for the off-policy SFT baseline, picked by `LossSettings.objective`).
@@ -23,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gopd_core.models import load_model, load_tokenizer
+from gopd_core.models import RESIDENT, load_tokenizer
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
-from gopd_core.scoring import plan_microbatches
+from gopd_core.scoring import plan_microbatches, store_scores
 from storage.layout import RunLayout, atomic_directory
-from storage.readers import MissingScoresError, read_rollouts, read_score_map
+from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +41,26 @@ TRAINER_STATE_FILE = "trainer_state.json"
 class ScoreSets:
     """Which stored score sets feed the advantage: (role, model_hash) pairs."""
 
-    student: tuple[str, str]
+    student: tuple[str, str] | None  # None: scored by the update's own forward pass (one minibatch)
     teachers: dict[str, tuple[str, str]]  # domain ("default" serves all) -> (role, hash)
     reference: tuple[str, str] | None = None
 
 
 @dataclass
 class UpdateRows:
-    """Token-level training inputs of one iteration (lists of 1-D arrays, one per rollout)."""
+    """Token-level training inputs of one iteration (lists of 1-D arrays, one per rollout).
 
+    old_logprobs and advantages are None when the student is scored by the update's forward pass.
+    """
+
+    rollout_ids: list[str]
     input_ids: list[np.ndarray]
     response_start: list[int]
-    old_logprobs: list[np.ndarray]
+    old_logprobs: list[np.ndarray] | None
     rollout_logprobs: list[np.ndarray]
-    advantages: list[np.ndarray]
+    advantages: list[np.ndarray] | None
+    teacher_logprobs: list[np.ndarray]
+    reward_scale: float
     reference_logprobs: list[np.ndarray | None] = field(default_factory=list)
 
 
@@ -77,12 +85,11 @@ def build_update_rows(layout: RunLayout, iteration: int, score_sets: ScoreSets, 
     rollouts = read_rollouts(layout, iteration, ["rollout_id", "domain", "prompt_token_ids",
                                                  "response_token_ids", "rollout_logprobs"]).to_pylist()
     rollouts = [r for r in rollouts if r["response_token_ids"]]
-    student = read_score_map(layout, iteration, *score_sets.student)
+    student = read_score_map(layout, iteration, *score_sets.student) if score_sets.student else None
     teacher_maps = {d: read_score_map(layout, iteration, *key) for d, key in score_sets.teachers.items()}
     reference = read_score_map(layout, iteration, *score_sets.reference) if score_sets.reference else None
     lengths = [len(r["response_token_ids"]) for r in rollouts]
     width = max(lengths, default=1)
-    student_rows = [_lookup(student, r["rollout_id"], "student", n) for r, n in zip(rollouts, lengths)]
     row_domains = [r["domain"] if r["domain"] in teacher_maps else "default" for r in rollouts]
     teacher_by_domain = {}
     for domain, score_map in teacher_maps.items():
@@ -91,16 +98,24 @@ def build_update_rows(layout: RunLayout, iteration: int, score_sets: ScoreSets, 
             for r, n, d in zip(rollouts, lengths, row_domains)], width)
     reference_rows = ([_lookup(reference, r["rollout_id"], "reference", n) for r, n in zip(rollouts, lengths)]
                       if reference is not None else [None] * len(rollouts))
-    student_BT = _pad(student_rows, width)
-    teacher_BT = select_teacher_logprobs(teacher_by_domain, row_domains) if rollouts else student_BT
-    reference_BT = _pad(reference_rows, width) if reference is not None else None
-    advantages_BT = gopd_advantages(student_BT, teacher_BT, reference_BT, reward_scale=reward_scale)
+    teacher_BT = select_teacher_logprobs(teacher_by_domain, row_domains) if rollouts else torch.zeros(0, width)
+    student_rows, advantages = None, None
+    if student is not None:
+        student_rows = [_lookup(student, r["rollout_id"], "student", n) for r, n in zip(rollouts, lengths)]
+        reference_BT = _pad(reference_rows, width) if reference is not None else None
+        advantages_BT = gopd_advantages(_pad(student_rows, width), teacher_BT, reference_BT, reward_scale=reward_scale)
+        advantages = [advantages_BT[i, :n].numpy() for i, n in enumerate(lengths)]
+    elif reward_scale != 1 and reference is None:
+        raise ValueError(f"reward_scale={reward_scale} != 1 needs reference scores (the reference no longer cancels)")
     return UpdateRows(
+        rollout_ids=[r["rollout_id"] for r in rollouts],
         input_ids=[np.asarray(r["prompt_token_ids"] + r["response_token_ids"], dtype=np.int64) for r in rollouts],
         response_start=[len(r["prompt_token_ids"]) for r in rollouts],
         old_logprobs=student_rows,
         rollout_logprobs=[np.asarray(r["rollout_logprobs"], dtype=np.float32) for r in rollouts],
-        advantages=[advantages_BT[i, :n].numpy() for i, n in enumerate(lengths)],
+        advantages=advantages,
+        teacher_logprobs=[teacher_BT[i, :n].numpy() for i, n in enumerate(lengths)],
+        reward_scale=reward_scale,
         reference_logprobs=reference_rows,
     )
 
@@ -133,7 +148,7 @@ def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention
 
 def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str, torch.Tensor]:
     lengths = [len(rows.input_ids[i]) for i in indices]
-    response_lengths = [len(rows.advantages[i]) for i in indices]
+    response_lengths = [len(rows.teacher_logprobs[i]) for i in indices]
     width = max(response_lengths)
     input_ids = np.zeros((len(indices), max(lengths)), dtype=np.int64)
     attention = np.zeros_like(input_ids)
@@ -144,10 +159,12 @@ def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str,
     batch = {
         "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
         "response_start": torch.tensor([rows.response_start[i] for i in indices]), "mask": mask_BT,
-        "old": _pad([rows.old_logprobs[i] for i in indices], width),
         "rollout": _pad([rows.rollout_logprobs[i] for i in indices], width),
-        "advantages": _pad([rows.advantages[i] for i in indices], width),
+        "teacher": _pad([rows.teacher_logprobs[i] for i in indices], width),
     }
+    if rows.old_logprobs is not None:
+        batch["old"] = _pad([rows.old_logprobs[i] for i in indices], width)
+        batch["advantages"] = _pad([rows.advantages[i] for i in indices], width)
     if rows.reference_logprobs and rows.reference_logprobs[0] is not None:
         batch["reference"] = _pad([rows.reference_logprobs[i] for i in indices], width)
     return {k: v.to(device) for k, v in batch.items()}
@@ -170,25 +187,33 @@ class LossSettings:
     objective: str = "gopd"  # key of objectives.OBJECTIVES: "gopd" (clipped policy gradient) or "sft"
 
 
-def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: OptimizerSettings):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    state_path = Path(model_path) / OPTIMIZER_FILE
-    global_step = 0
-    if state_path.exists():
-        optimizer.load_state_dict(torch.load(state_path, weights_only=True))
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr
-            group["weight_decay"] = settings.weight_decay
-        trainer_state = Path(model_path) / TRAINER_STATE_FILE
-        if trainer_state.exists():
-            global_step = json.loads(trainer_state.read_text()).get("global_step", 0)
+def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: OptimizerSettings, resident: dict):
+    """AdamW with the checkpoint's state: the one kept in memory beside the model, else `optimizer.pt`."""
+    if "optimizer" in resident:
+        optimizer, global_step = resident["optimizer"], resident["global_step"]
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        state_path = Path(model_path) / OPTIMIZER_FILE
+        global_step = 0
+        if state_path.exists():
+            optimizer.load_state_dict(torch.load(state_path, weights_only=True))
+            trainer_state = Path(model_path) / TRAINER_STATE_FILE
+            if trainer_state.exists():
+                global_step = json.loads(trainer_state.read_text()).get("global_step", 0)
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr
+        group["weight_decay"] = settings.weight_decay
     return optimizer, global_step
 
 
 def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], loss_settings: LossSettings,
-                    token_budget: int, device: str) -> dict[str, float]:
-    """One optimizer step accumulated over micro-batches; returns the step's token-weighted metrics."""
-    total_tokens = sum(len(rows.advantages[i]) for i in minibatch)
+                    token_budget: int, device: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
+    """One optimizer step accumulated over micro-batches; returns the step's token-weighted metrics.
+
+    Without stored student scores, each micro-batch's forward pass is also the student's scoring
+    pass: its log-probs (no gradient) are the old log-probs and go into `scored` by rollout id.
+    """
+    total_tokens = sum(len(rows.teacher_logprobs[i]) for i in minibatch)
     per_seq = loss_settings.aggregation != "token-mean"
     sums: dict[str, float] = {}
     lengths = [len(rows.input_ids[i]) for i in minibatch]
@@ -198,6 +223,13 @@ def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], lo
         # rows are right-padded: no padding mask needed (see token_logprobs)
         logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
                                      batch["mask"].shape[1])
+        if "old" not in batch:  # the weights are still the rollout's: this forward pass scores the student
+            batch["old"] = logprobs_BT.detach() * batch["mask"]
+            batch["advantages"] = gopd_advantages(batch["old"], batch["teacher"], batch.get("reference"),
+                                                  reward_scale=rows.reward_scale) * batch["mask"]
+            old_BT = batch["old"].cpu()
+            for j, i in enumerate(indices):
+                scored[rows.rollout_ids[i]] = old_BT[j, : len(rows.teacher_logprobs[i])].numpy()
         loss, metrics = OBJECTIVES[loss_settings.objective](
             logprobs_BT, batch["old"], batch["advantages"], batch["mask"], loss_settings.clip_low,
             loss_settings.clip_high, batch["rollout"], loss_settings.is_threshold,
@@ -218,27 +250,35 @@ def update_policy(
     reference_role: str = "reference", loss_settings: LossSettings = LossSettings(),
     optimizer_settings: OptimizerSettings = OptimizerSettings(), minibatches: int = 1,
     micro_token_budget: int = 4096, seed: int = 0, device: str = "cpu", progress: bool = True,
+    score_chunk_rows: int = 256,
 ) -> tuple[Path, list[dict]]:
     """Run one iteration's update and write checkpoint `layout.checkpoint_dir(iteration)`.
 
+    With `score_sets.student` None (only with one minibatch), the student's log-probs come from the
+    update's forward pass and are stored as the student's score set (in `score_chunk_rows` shards,
+    as the scoring stage would have written them).
     Returns (checkpoint path, one metrics dict per optimizer step, in the `updates` schema).
     """
+    if score_sets.student is None and minibatches != 1:
+        raise ValueError(f"the update can score the student itself only with one minibatch (got {minibatches}): "
+                         "with more, later steps no longer run the rollout's weights; score the student first")
     rows = build_update_rows(layout, iteration, score_sets, reward_scale)
     if not rows.input_ids:
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
     torch.manual_seed(seed + iteration)
-    model = load_model(model_path, dtype=torch.float32, device=device).train()
-    optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings)
+    model, resident = RESIDENT.take(model_path, dtype=torch.float32, device=device)  # trained in place
+    model.train()
+    optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings, resident)
     order = np.random.default_rng(seed + iteration).permutation(len(rows.input_ids)).tolist()
     minibatch_list = [order[i::minibatches] for i in range(minibatches) if order[i::minibatches]]
-    step_rows = []
+    step_rows, scored = [], {}
     for step, minibatch in enumerate(tqdm(minibatch_list, desc=f"update it{iteration}", disable=not progress)):
         started = time.perf_counter()
         lr = optimizer_settings.lr * min(1.0, (global_step + 1) / max(1, optimizer_settings.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device)
+        metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device, scored)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optimizer_settings.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at iteration {iteration} step {step}")
@@ -251,7 +291,12 @@ def update_policy(
             "approx_kl": metrics["approx_kl"], "grad_norm": grad_norm, "lr": lr, "tokens": int(metrics["tokens"]),
             "sequences": int(metrics["sequences"]), "wall_s": time.perf_counter() - started,
         })
+    if score_sets.student is None:
+        store_scores(layout, iteration, rollout_shards(layout, iteration), model_path, "student", scored,
+                     chunk_rows=score_chunk_rows)
     checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step)
+    model.zero_grad(set_to_none=True)
+    RESIDENT.put(checkpoint, model, optimizer=optimizer, global_step=global_step)  # the next rollout starts here
     log.info("update it%d: %d steps, loss %.4f, wrote %s", iteration, len(step_rows), step_rows[-1]["loss"], checkpoint)
     return checkpoint, step_rows
 

@@ -1,0 +1,178 @@
+"""The fast paths compute what the plain ones do: resident models, prepacked linears, the reserved
+KV cache, and the update scoring the student in its own forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import build_random_model, tiny_distill_config, write_task_data
+from transformers.cache_utils import DynamicLayer
+
+from flows.distill import distill
+from gopd_core.config import parse_config
+from gopd_core.models import RESIDENT, ResidentModels, has_dropout, load_model, prepacked_linears
+from gopd_core.pipeline import (
+    Scorer,
+    plan_scorers,
+    prepare_run,
+    rollout_stage,
+    score_stage,
+    student_scored_in_update,
+)
+from gopd_core.rollout import SamplingParams
+from gopd_core.rollout.hf import ReservedLayer
+from gopd_core.scoring import score_key, score_rollouts
+from gopd_core.training import ScoreSets, update_policy
+from storage.layout import RunLayout
+from storage.readers import read_score_map, rollout_shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fast")
+    models = {
+        "student": build_random_model(base / "student", hidden=32, seed=1),
+        "teacher_math": build_random_model(base / "teacher-math", hidden=64, seed=2),
+        "teacher_code": build_random_model(base / "teacher-code", hidden=64, seed=3),
+    }
+    return base, models, write_task_data(base / "data", n_train=12, n_test=4)
+
+
+def test_resident_models_reuse_a_load_and_notice_a_rewritten_checkpoint(tmp_path):
+    path = build_random_model(tmp_path / "m", seed=5)
+    cache = ResidentModels(capacity=2)
+    first = cache.get(path)
+    assert cache.get(path) is first and cache.loads == 1
+    load_model(path).save_pretrained(str(path), safe_serialization=True)  # same weights, new files
+    assert cache.get(path) is not first and cache.loads == 2
+    taken, extras = cache.take(path)  # the update trains it: gone from the cache
+    assert extras == {} and len(cache) == 1 and cache.take(path)[0] is not taken and cache.loads == 3
+    cache.put(path, taken, optimizer="state")
+    assert cache.take(path) == (taken, {"optimizer": "state"})
+    off = ResidentModels(capacity=0)
+    off.get(path), off.get(path)
+    assert off.loads == 2 and len(off) == 0
+
+
+def test_resident_models_evict_the_least_recently_used(tmp_path):
+    paths = [build_random_model(tmp_path / f"m{i}", seed=i) for i in range(3)]
+    cache = ResidentModels(capacity=2)
+    cache.get(paths[0]), cache.get(paths[1]), cache.get(paths[0]), cache.get(paths[2])  # paths[1] leaves
+    cache.get(paths[0])
+    assert cache.loads == 3
+    cache.get(paths[1])
+    assert cache.loads == 4
+
+
+def test_prepacked_linears_match_the_stock_linear(tmp_path):
+    model = load_model(build_random_model(tmp_path / "m", hidden=64, layers=2, seed=7))
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    with torch.inference_mode():
+        plain = model(input_ids).logits
+        with prepacked_linears(model):
+            packed = model(input_ids).logits
+        after = model(input_ids).logits
+    assert (packed - plain).abs().max().item() < 1e-5
+    assert torch.equal(after, plain)
+    assert not any("forward" in vars(module) for module in model.modules())  # nothing left patched
+
+
+def test_reserved_layer_matches_the_dynamic_layer():
+    torch.manual_seed(0)
+    reserved, dynamic = None, DynamicLayer()
+    prefill = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
+    dynamic.update(*prefill)
+    reserved = ReservedLayer(*prefill, capacity=7)  # room for 2 tokens: the third step must grow it
+    reserved.batch_repeat_interleave(2), dynamic.batch_repeat_interleave(2)
+    for step in range(6):
+        new = torch.randn(8 if step < 3 else 5, 2, 1, 8), torch.randn(8 if step < 3 else 5, 2, 1, 8)
+        out_reserved, out_dynamic = reserved.update(*new), dynamic.update(*new)
+        assert all(torch.equal(a, b) for a, b in zip(out_reserved, out_dynamic))
+        assert reserved.get_seq_length() == dynamic.get_seq_length() == 6 + step
+        if step == 2:  # three rows finish
+            keep = torch.tensor([0, 2, 3, 5, 7])
+            reserved.batch_select_indices(keep), dynamic.batch_select_indices(keep)
+
+
+def _tiny_run(world, run_id: str, **changes):
+    base, models, data = world
+    config = parse_config(tiny_distill_config(base, models, data, run_id, **{"update.minibatches": 1, **changes}))
+    layout = prepare_run(config)
+    rollout_stage(layout, 0, config.models.student, prompts_per_iteration=6,
+                  sampling=SamplingParams(temperature=1.0, max_new_tokens=10, n=2), seed=0)
+    return config, layout
+
+
+def test_update_scores_the_student_in_its_forward_pass_like_a_scoring_pass(world):
+    config, layout = _tiny_run(world, "fused")
+    student = Path(config.models.student)
+    assert student_scored_in_update(config)
+    assert [s.role for s in plan_scorers(config, student, ["code", "math"])] == ["teacher", "teacher", "reference"]
+    written = score_stage(layout, 0, [s for s in plan_scorers(config, student, ["code", "math"])
+                                      if s.role == "teacher"], student_tokenizer=student, chunk_rows=4)
+    teachers = {key.split(":")[1]: ("teacher", digest) for key, digest in written.items()}
+    kwargs = {"reward_scale": 1.0, "micro_token_budget": 64, "score_chunk_rows": 4, "progress": False}
+    fused_checkpoint, fused_steps = update_policy(layout, 0, student, ScoreSets(None, teachers), **kwargs)
+    fused_weights = load_file(str(fused_checkpoint / "model.safetensors"))
+    written_hash = score_key(student, None)
+    from_update = read_score_map(layout, 0, "student", written_hash)
+    hit = score_rollouts(layout, 0, rollout_shards(layout, 0), student, "student", chunk_rows=4, progress=False)
+    assert hit.cache_hit and hit.model_hash == written_hash  # the update's set is the scoring pass's set
+
+    scores_dir = layout.scores_dir(0, "student", written_hash)
+    for path in scores_dir.iterdir():
+        path.unlink()
+    scored = score_rollouts(layout, 0, rollout_shards(layout, 0), student, "student", chunk_rows=4, progress=False)
+    assert not scored.cache_hit
+    from_scorer = read_score_map(layout, 0, "student", written_hash)
+    assert from_update.keys() == from_scorer.keys()
+    assert max(np.abs(from_update[k] - from_scorer[k]).max(initial=0) for k in from_scorer) < 1e-5
+
+    separate_checkpoint, separate_steps = update_policy(
+        layout, 0, student, ScoreSets(("student", written_hash), teachers), **kwargs)
+    separate_weights = load_file(str(separate_checkpoint / "model.safetensors"))
+    assert max((fused_weights[k] - separate_weights[k]).abs().max().item() for k in fused_weights) < 1e-5
+    assert fused_steps[0]["loss"] == pytest.approx(separate_steps[0]["loss"], abs=1e-5)
+    assert fused_steps[0]["advantage_mean"] == pytest.approx(separate_steps[0]["advantage_mean"], abs=1e-5)
+
+
+def test_update_refuses_to_score_the_student_with_several_minibatches(world):
+    config, layout = _tiny_run(world, "fused-minibatches")
+    with pytest.raises(ValueError, match="only with one minibatch"):
+        update_policy(layout, 0, config.models.student, ScoreSets(None, {"default": ("teacher", "x")}),
+                      reward_scale=1.0, minibatches=2)
+
+
+def test_students_with_dropout_keep_their_scoring_pass(world, tmp_path):
+    base, models, data = world
+    student = build_random_model(tmp_path / "dropout", hidden=32, seed=1)
+    config_path = student / "config.json"
+    config_path.write_text(config_path.read_text().replace('"attention_dropout": 0.0', '"attention_dropout": 0.1'))
+    assert has_dropout(student) and not has_dropout(models["student"])
+    config = parse_config(tiny_distill_config(base, {**models, "student": student}, data, "dropout",
+                                              **{"update.minibatches": 1}))
+    assert not student_scored_in_update(config)
+    assert plan_scorers(config, student, ["math"])[0] == Scorer("student", student)
+
+
+def test_resident_models_leave_the_distill_flow_results_unchanged(world):
+    base, models, data = world
+    weights, loads = {}, {}
+    for resident in (4, 0):
+        config = tiny_distill_config(base, models, data, f"resident-{resident}", resident_models=resident,
+                                     **{"update.minibatches": 1, "data.test": []})
+        before = RESIDENT.loads
+        layout = RunLayout(Path(distill(config=config)))
+        loads[resident] = RESIDENT.loads - before
+        weights[resident] = [load_file(str(layout.checkpoint_dir(i) / "model.safetensors")) for i in (0, 1)]
+        assert len(RESIDENT) == 0  # released when the flow ends
+    for kept, reloaded in zip(weights[4], weights[0]):
+        assert all(torch.equal(kept[k], reloaded[k]) for k in kept)
+    # kept: the student init (rollout 0), the 2 teachers, and the student init again as iteration 1's
+    # reference (iteration 0's update trained the first copy); reloaded: per iteration the rollout, 2
+    # teachers, the reference and the update each load a model
+    assert loads == {4: 4, 0: 10}
