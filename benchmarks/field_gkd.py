@@ -1,6 +1,6 @@
 """Against the field: one on-policy distillation step in TRL's `GKDTrainer` vs in gopd, per-step time and peak memory.
 
-    python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 64] [--steps 3]
+    python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 256] [--steps 3]
                                     [--vocab 32000] [--only gopd|trl]
 
 1. Models: the zoo `perf` preset (built into `benchmarks/.cache/zoo-perf` if its manifest is
@@ -26,17 +26,22 @@ What is the same: models, fp32 on the CPU, `threads` torch threads (and OMP_NUM_
 OMP_WAIT_POLICY=PASSIVE) in both, `batch` prompts with one sample each, temperature 1 with top_p 1
 (TRL also top_k 0), `max_new_tokens`, AdamW at the same lr, constant schedule, grad-norm clip 1,
 one optimizer step per step over the whole batch. What differs, by design of each tool:
-- TRL keeps both models in memory across steps. gopd's stages are separate, resumable steps over a
-  Parquet store: each loads its model from disk, the rollouts and scores are written as Parquet,
-  and the update writes a full checkpoint (safetensors + AdamW state) that the next step loads.
+- Both keep their models in memory across steps (gopd: `pipeline.keep_models_loaded`, as the
+  `distill` flow does). gopd's stages are still separate, resumable steps over a Parquet store:
+  the rollouts and scores are written as Parquet, and every update writes a full checkpoint
+  (safetensors + AdamW state) to disk, which TRL (save_strategy "no") does not.
 - TRL's loss is the full-vocabulary reverse KL: student and teacher logits at every position of
   prompt + response (B, L, V), with one student forward that also carries the gradient. gopd's
   loss is the sampled-token estimator: teacher and student log-probs of the sampled tokens only
-  (no (B, L, V) log-softmax), plus a separate no-grad student scoring pass (the old log-probs of
-  the clipped PPO-style ratio) before the training forward/backward.
+  (no (B, L, V) log-softmax). With one minibatch the update's forward pass also gives the
+  student's old log-probs (`pipeline.student_scored_in_update`), stored as the student's scores.
 - TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's
-  HF engine drops finished rows from the batch and the KV cache. The random-init models sample
-  different lengths on each side; both sides' mean response lengths are reported.
+  HF engine drops finished rows from the batch and the KV cache, writes each token into a KV
+  buffer reserved for the response, and runs its linears on oneDNN-prepacked weights. The
+  random-init models sample different lengths on each side; both sides' mean response lengths
+  are reported.
+- gopd's rollouts skip answer verification (`sampling.verify_rewards: false`, a monitoring metric
+  the update never reads); TRL verifies nothing either.
 The machine is shared, so wall times are noisy: `os.getloadavg()` is recorded before and after each
 side, and per-step process CPU seconds are reported beside wall seconds.
 """
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo with student-base and teacher-math")
     parser.add_argument("--batch", type=int, default=8, help="prompts per step (one sample each)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="response budget; distillation answers run long (reasoning), 64 is a short-answer case")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per side (plus one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)

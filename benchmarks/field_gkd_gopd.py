@@ -8,10 +8,12 @@ One step is one G-OPD iteration at lam = 1 on a temporary run directory, through
 `gopd_core.pipeline` exactly as the `distill` flow calls it:
 1. `rollout_stage`: the current checkpoint samples `batch` prompts x 1 sample (HF engine,
    temperature 1, top_p 1, `max_new_tokens`) and writes the rollouts shard.
-2. `score_stage` with the student (log-probs before the update) and the math teacher. At lam = 1 the
-   reference cancels (A_t = teacher - student), so the reference scorer of `plan_scorers` is left out.
-3. `update_stage`: one AdamW step (one minibatch, one micro-batch), then the new checkpoint is
-   written; the next step starts from it.
+2. `score_stage` with the math teacher. At lam = 1 the reference cancels (A_t = teacher - student),
+   so the reference scorer of `plan_scorers` is left out; the student needs no scoring pass with
+   one minibatch (`student_scored_in_update`).
+3. `update_stage`: one AdamW step (one minibatch, one micro-batch), whose forward pass also stores
+   the student's log-probs; then the new checkpoint is written, and the next step starts from it
+   (kept in memory by `keep_models_loaded`, as in the `distill` flow).
 Step 0 is the warm-up and is reported apart. Wall and process CPU seconds are kept per step, and each
 stage's wall seconds for the breakdown.
 """

@@ -34,7 +34,7 @@ def flow_config(zoo: Path, root: Path, iterations: int, prompts: int, n: int, ma
         "models": {"student": str(zoo / "student-base"),
                    "teachers": {"math": str(zoo / "teacher-math"), "code": str(zoo / "teacher-code")}},
         "sampling": {"temperature": 1.0, "max_new_tokens": max_new_tokens, "n": n},
-        "update": {"reward_scale": 1.0, "lr": 1e-4, "minibatches": 2},
+        "update": {"reward_scale": 1.0, "lr": 1e-4},  # one minibatch, the default
         "data": {"train": [str(data / "math" / "train.parquet"), str(data / "code" / "train.parquet")],
                  "test": [str(data / "math" / "test.parquet"), str(data / "code" / "test.parquet")],
                  "prompts_per_iteration": prompts, "eval_prompts": 4},

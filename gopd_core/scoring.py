@@ -23,7 +23,6 @@ gathered from a micro-batch, `_H` hidden size, `_V` vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +42,6 @@ from gopd_core.models import (
     check_same_vocab,
     load_tokenizer,
     model_hash,
-    prepacked_linears,
     render_prompt,
 )
 from storage.layout import RunLayout, write_json_atomic
@@ -210,25 +208,19 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
-    with contextlib.nullcontext() if autocast else prepacked_linears(model):  # autocast needs the stock op
-        for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
-            _score_microbatch(decoder, lm_head, transform, chunk_tokens, dtype, autocast, device,
-                              [sequences[scored[j]] for j in batch], [scored[j] for j in batch], results)
+    for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
+        rows = [sequences[scored[j]] for j in batch]
+        input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
+            # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
+            hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
+            logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
+                                            chunk_tokens)
+        ends = np.cumsum([len(response) for _, response in rows])[:-1]
+        for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
+            results[scored[j]] = values
     return results
-
-
-def _score_microbatch(decoder, lm_head, transform, chunk_tokens: int, dtype, autocast: bool, device: torch.device,
-                      rows: Sequences, indices: list[int], results: list[np.ndarray]) -> None:
-    """Score one micro-batch of `rows` into `results[indices]` (see `response_logprobs`)."""
-    input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
-        # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
-        hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
-        logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform, chunk_tokens)
-    ends = np.cumsum([len(response) for _, response in rows])[:-1]
-    for index, values in zip(indices, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
-        results[index] = values
 
 
 # -- context distillation -----------------------------------------------------------------------
