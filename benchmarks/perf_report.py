@@ -192,7 +192,7 @@ def _rollout_decision(results: dict) -> list[str]:
         "- Default: `backend: hf` stays, not a size-dependent pick. Even where warm vLLM is faster, the rollout "
         "stage (`pipeline.rollout_stage`) opens a fresh engine every iteration, so vLLM pays its start-up each "
         "iteration; its warm speed only matters once that is repaid (break-even above), while the hf engine "
-        "reuses the model the run already holds in memory (`models.RESIDENT`). What would make vLLM the right "
+        "reuses the model the run already holds in memory (`models.resident_models`). What would make vLLM the right "
         "default where it is faster warm is one engine kept alive across iterations, refreshed with "
         "`engine.load_weights(checkpoint)` (0.2 s measured) instead of restarted.")
     lines.append(
@@ -219,7 +219,7 @@ OPTIMISATIONS = [
     "4. The flow's `report` task drew the matplotlib PNG after every iteration (about 6 of the 7 s of the "
     "report task under cProfile); it now plots after the last iteration only (`write_report(plot=...)`; "
     "`gopd report` always plots) and opens the DuckDB catalog once instead of three times.",
-    "5. Resident models (`models.RESIDENT`, `pipeline.keep_models_loaded`, config `resident_models`, default "
+    "5. Resident models (`models.resident_scope`, `pipeline.keep_models_loaded`, config `resident_models`, default "
     "4): a profile of the TRL-comparison step found 4 `load_model` calls per step (1.4 s under load). The "
     "teachers and the reference now load once per run, and the update hands its trained model and AdamW "
     "state to the next iteration's rollout, scoring and update; a rewritten checkpoint is a miss, never a "

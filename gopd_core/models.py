@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,15 +75,18 @@ class ResidentModels:
     - `take`: the model removed from the cache, for the update to train in place.
     - `put`: register an in-memory model whose weights equal those saved at `path` (the update's
       new checkpoint), with `extras` such as its optimizer, which `take` hands back.
-    `capacity` models at most (least recently used leave first); 0, the default outside a run
-    (`pipeline.keep_models_loaded`), turns the cache off.
+    `capacity` models at most (least recently used leave first); 0 keeps nothing. Each run has its
+    own (`resident_scope`, entered by `pipeline.keep_models_loaded`); `resident_models()` is the
+    current context's, or outside any run one that keeps nothing.
     """
+
+    total_loads = 0  # models read from disk by every cache of the process, for tests and benchmarks
 
     def __init__(self, capacity: int = 0) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple, tuple[torch.nn.Module, dict]] = OrderedDict()
         self._lock = threading.Lock()
-        self.loads = 0  # models read from disk (a miss), for tests and benchmarks
+        self.loads = 0  # models read from disk (a miss)
 
     @staticmethod
     def _key(path: str | Path, dtype: torch.dtype | None, device: str) -> tuple:
@@ -120,6 +124,7 @@ class ResidentModels:
 
     def _load(self, path: str | Path, dtype: torch.dtype | None, device: str) -> torch.nn.Module:
         self.loads += 1
+        ResidentModels.total_loads += 1
         return load_model(path, dtype=dtype, device=device)
 
     def _store(self, key: tuple, model: torch.nn.Module, extras: dict) -> None:
@@ -132,7 +137,30 @@ class ResidentModels:
                 self._entries.popitem(last=False)
 
 
-RESIDENT = ResidentModels()
+_CURRENT: ContextVar[ResidentModels | None] = ContextVar("gopd_resident_models", default=None)
+_OUTSIDE_RUNS = ResidentModels(capacity=0)  # keeps nothing: every get loads
+
+
+def resident_models() -> ResidentModels:
+    """The model cache of the run in progress in this context; outside a run, one that keeps nothing."""
+    current = _CURRENT.get()  # not `or`: an empty cache has len 0
+    return _OUTSIDE_RUNS if current is None else current
+
+
+@contextmanager
+def resident_scope(capacity: int) -> Iterator[ResidentModels]:
+    """A fresh cache of `capacity` models for the code inside (one run); every model is released on exit.
+
+    A context variable, so runs in other threads or tasks of the process keep their own caches
+    and never train a model another run is sampling from.
+    """
+    cache = ResidentModels(capacity)
+    token = _CURRENT.set(cache)
+    try:
+        yield cache
+    finally:
+        _CURRENT.reset(token)
+        cache.clear()
 
 
 def _weights_stamp(path: Path) -> tuple:

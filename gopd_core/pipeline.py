@@ -21,12 +21,13 @@ from transformers import AutoConfig
 from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
 from gopd_core.models import (
-    RESIDENT,
+    ResidentModels,
     check_same_vocab,
     has_dropout,
     load_tokenizer,
     model_hash,
     render_prompt,
+    resident_scope,
 )
 from gopd_core.rollout import SamplingParams, check_prompt_lengths, open_engine
 from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
@@ -107,18 +108,14 @@ def _check_same_run(stored: dict, current: dict, layout: RunLayout) -> None:
 
 
 @contextmanager
-def keep_models_loaded(capacity: int) -> Iterator[None]:
-    """Inside, the stages share up to `capacity` loaded models (`models.RESIDENT`); all are released on exit.
+def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
+    """Inside, the stages share up to `capacity` loaded models (`models.resident_scope`); released on exit.
 
     The update hands its trained model (and optimizer) to the next iteration's rollout, scoring and
     update, and the teachers and reference are loaded once per run instead of once per iteration.
     """
-    previous, RESIDENT.capacity = RESIDENT.capacity, capacity
-    try:
-        yield
-    finally:
-        RESIDENT.clear()
-        RESIDENT.capacity = previous
+    with resident_scope(capacity) as cache:
+        yield cache
 
 
 def _engine_options(backend: str, device: str) -> dict:

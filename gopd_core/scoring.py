@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gopd_core.models import (
-    RESIDENT,
     check_same_vocab,
     load_tokenizer,
     model_hash,
     render_prompt,
+    resident_models,
 )
 from storage.layout import RunLayout, write_json_atomic
 from storage.parquet import CorruptShardError, iter_batches, open_shard, write_shard
@@ -422,7 +422,7 @@ def score_rollouts(
     def chunk_logprobs(chunk: pa.Table) -> list[np.ndarray]:
         nonlocal model
         if model is None:  # loaded on the first chunk not already on disk
-            model = RESIDENT.get(model_path, dtype=dtype, device=device)
+            model = resident_models().get(model_path, dtype=dtype, device=device)
         return response_logprobs(model, _chunk_sequences(chunk, tokenizer, context, prompts, rendered), token_budget,
                                  dtype)
 

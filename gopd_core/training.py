@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gopd_core.models import RESIDENT, load_tokenizer
+from gopd_core.models import load_tokenizer, resident_models
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import plan_microbatches, store_scores
 from storage.layout import RunLayout, atomic_directory
@@ -266,7 +266,7 @@ def update_policy(
     if not rows.input_ids:
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
     torch.manual_seed(seed + iteration)
-    model, resident = RESIDENT.take(model_path, dtype=torch.float32, device=device)  # trained in place
+    model, resident = resident_models().take(model_path, dtype=torch.float32, device=device)  # trained in place
     model.train()
     optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings, resident)
     order = np.random.default_rng(seed + iteration).permutation(len(rows.input_ids)).tolist()
@@ -296,7 +296,7 @@ def update_policy(
                      chunk_rows=score_chunk_rows)
     checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step)
     model.zero_grad(set_to_none=True)
-    RESIDENT.put(checkpoint, model, optimizer=optimizer, global_step=global_step)  # the next rollout starts here
+    resident_models().put(checkpoint, model, optimizer=optimizer, global_step=global_step)  # the next rollout starts here
     log.info("update it%d: %d steps, loss %.4f, wrote %s", iteration, len(step_rows), step_rows[-1]["loss"], checkpoint)
     return checkpoint, step_rows
 

@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicLayer
 
 from flows.distill import distill
 from gopd_core.config import parse_config
-from gopd_core.models import RESIDENT, ResidentModels, has_dropout, load_model, prepacked_linears
+from gopd_core.models import ResidentModels, has_dropout, load_model, prepacked_linears, resident_models
 from gopd_core.pipeline import (
     Scorer,
     plan_scorers,
@@ -165,14 +165,35 @@ def test_resident_models_leave_the_distill_flow_results_unchanged(world):
     for resident in (4, 0):
         config = tiny_distill_config(base, models, data, f"resident-{resident}", resident_models=resident,
                                      **{"update.minibatches": 1, "data.test": []})
-        before = RESIDENT.loads
+        before = ResidentModels.total_loads
         layout = RunLayout(Path(distill(config=config)))
-        loads[resident] = RESIDENT.loads - before
+        loads[resident] = ResidentModels.total_loads - before
         weights[resident] = [load_file(str(layout.checkpoint_dir(i) / "model.safetensors")) for i in (0, 1)]
-        assert len(RESIDENT) == 0  # released when the flow ends
+        assert resident_models().capacity == 0 and len(resident_models()) == 0  # the run's cache is gone
     for kept, reloaded in zip(weights[4], weights[0]):
         assert all(torch.equal(kept[k], reloaded[k]) for k in kept)
     # kept: the student init (rollout 0), the 2 teachers, and the student init again as iteration 1's
     # reference (iteration 0's update trained the first copy); reloaded: per iteration the rollout, 2
     # teachers, the reference and the update each load a model
     assert loads == {4: 4, 0: 10}
+
+
+def test_each_run_scope_has_its_own_resident_models(tmp_path):
+    import threading
+
+    from gopd_core.models import resident_scope
+
+    path = build_random_model(tmp_path / "m", seed=6)
+    seen = {}
+
+    def other_run():
+        with resident_scope(2) as cache:
+            seen["other"] = cache.get(path)
+
+    with resident_scope(2) as cache:
+        mine = resident_models().get(path)
+        assert resident_models() is cache and cache.get(path) is mine
+        thread = threading.Thread(target=other_run)
+        thread.start(), thread.join()
+    assert seen["other"] is not mine  # never the same object: one run may train what another samples
+    assert resident_models().capacity == 0  # outside a run nothing is kept

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from gopd_core.models import RESIDENT, load_tokenizer, prepacked_linears, render_prompt
+from gopd_core.models import load_tokenizer, prepacked_linears, render_prompt, resident_models
 from gopd_core.rollout import (
     EngineBase,
     PromptTooLongError,
@@ -163,9 +163,10 @@ class HFEngine(EngineBase):
     def load_weights(self, model_path: str | Path) -> None:
         """Load a checkpoint (same tokenizer); its directory name becomes the default checkpoint id.
 
-        The model comes from `models.RESIDENT` (shared with the run's other stages, never changed here).
+        The model comes from the run's `models.resident_models()` (shared with its other stages, never
+        changed here).
         """
-        self.model = RESIDENT.get(model_path, dtype=self.dtype, device=self.device)
+        self.model = resident_models().get(model_path, dtype=self.dtype, device=self.device)
         self.checkpoint_id = Path(model_path).name
 
     def close(self) -> None:
