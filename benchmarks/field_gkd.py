@@ -22,8 +22,8 @@
    `warm-up + steps` steps; the warm-up is reported apart, the median of the rest is compared.
    speedup = TRL median / gopd median; the target is >= 2x.
 
-What is the same: models, fp32 on the CPU, `threads` torch threads (and OMP_NUM_THREADS,
-OMP_WAIT_POLICY=PASSIVE) in both, `batch` prompts with one sample each, temperature 1 with top_p 1
+What is the same: models, fp32 on the CPU, `threads` torch threads (and OMP_NUM_THREADS, gopd's
+default OpenMP spin GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY is set) in both, `batch` prompts with one sample each, temperature 1 with top_p 1
 (TRL also top_k 0), `max_new_tokens`, AdamW at the same lr, constant schedule, grad-norm clip 1,
 one optimizer step per step over the whole batch. What differs, by design of each tool:
 - Both keep their models in memory across steps (gopd: `pipeline.keep_models_loaded`, as the
@@ -143,8 +143,9 @@ def ensure_trl_venv() -> Path:
 
 
 def _quiet_env(threads: int = 2) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
+    spin = {} if "OMP_WAIT_POLICY" in os.environ else {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **spin,
+            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
             "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 

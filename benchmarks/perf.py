@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# as gopd_core does, before torch loads: spinning OpenMP threads crawl on a busy CPU
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as gopd_core does, before torch loads: a short OpenMP spin (see gopd_core/__init__.py)
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 

@@ -247,7 +247,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{results['wall_s']:.0f} s wall, started {results['started_utc']}).", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, GPU: {machine['gpu']}, "
         f"torch {machine['torch']} ({machine['torch_threads']} threads), native bf16: {machine['native_bf16']}, "
-        f"OMP_WAIT_POLICY={machine['omp_wait_policy']}. Other jobs share these cores: every section records the "
+        f"OMP_WAIT_POLICY={machine['omp_wait_policy']}, GOMP_SPINCOUNT={machine.get('gomp_spincount')}. Other jobs share these cores: every section records the "
         "1/5/15-minute load averages before and after, and timings are the fastest of the repeats.", "",
         "## Targets", "",
         *_table(["target", "held", "measured"], [[t, "yes" if ok else "**no**", m] for t, ok, m in targets(results)]),

@@ -302,8 +302,8 @@ def build_zoo(directory: str | Path, preset: str = "default", seed: int = 0, pro
         raise UnknownPresetError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-        if num_threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            LOGGER.warning("OMP_WAIT_POLICY is not PASSIVE: with %d torch threads on a busy machine, spinning "
+        if num_threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+            LOGGER.warning("OMP_WAIT_POLICY is ACTIVE: with %d torch threads on a busy machine, spinning "
                            "OpenMP threads can slow the build 10-30x; set OMP_WAIT_POLICY=PASSIVE before "
                            "python starts, or pass num_threads=1", num_threads)
     spec = PRESETS[preset]
