@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import build_random_model, tiny_distill_config, write_task_data
+from tiny import build_random_model, build_world, tiny_distill_config
 from transformers.cache_utils import DynamicLayer
 
 from flows.distill import distill
@@ -33,13 +33,7 @@ from storage.readers import read_score_map, rollout_shards
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fast")
-    models = {
-        "student": build_random_model(base / "student", hidden=32, seed=1),
-        "teacher_math": build_random_model(base / "teacher-math", hidden=64, seed=2),
-        "teacher_code": build_random_model(base / "teacher-code", hidden=64, seed=3),
-    }
-    return base, models, write_task_data(base / "data", n_train=12, n_test=4)
+    return build_world(tmp_path_factory.mktemp("fast"))
 
 
 def test_resident_models_reuse_a_load_and_notice_a_rewritten_checkpoint(tmp_path):
@@ -99,8 +93,8 @@ def test_reserved_layer_matches_the_dynamic_layer():
 
 
 def _tiny_run(world, run_id: str, **changes):
-    base, models, data = world
-    config = parse_config(tiny_distill_config(base, models, data, run_id, **{"update.minibatches": 1, **changes}))
+    config = parse_config(tiny_distill_config(world.base, world.models, world.data, run_id,
+                                              **{"update.minibatches": 1, **changes}))
     layout = prepare_run(config)
     rollout_stage(layout, 0, config.models.student, prompts_per_iteration=6,
                   sampling=SamplingParams(temperature=1.0, max_new_tokens=10, n=2), seed=0)
@@ -148,7 +142,7 @@ def test_update_refuses_to_score_the_student_with_several_minibatches(world):
 
 
 def test_students_with_dropout_keep_their_scoring_pass(world, tmp_path):
-    base, models, data = world
+    base, models, data = world.base, world.models, world.data
     student = build_random_model(tmp_path / "dropout", hidden=32, seed=1)
     config_path = student / "config.json"
     config_path.write_text(config_path.read_text().replace('"attention_dropout": 0.0', '"attention_dropout": 0.1'))
@@ -160,7 +154,7 @@ def test_students_with_dropout_keep_their_scoring_pass(world, tmp_path):
 
 
 def test_resident_models_leave_the_distill_flow_results_unchanged(world):
-    base, models, data = world
+    base, models, data = world.base, world.models, world.data
     weights, loads = {}, {}
     for resident in (4, 0):
         config = tiny_distill_config(base, models, data, f"resident-{resident}", resident_models=resident,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,25 @@ def write_task_data(directory: Path, n_train: int = 16, n_test: int = 6, seed: i
             write_shard(make_split(domain, split, n, seed), path, PROMPTS)
             paths[split].append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class World:
+    """Tiny real models (shared byte-level vocabulary) and math + code prompt datasets."""
+
+    base: Path
+    models: dict[str, Path]
+    data: dict[str, list[Path]]
+
+
+def build_world(base: Path) -> World:
+    """A student (hidden 32) and math/code teachers (hidden 64) of random Qwen2 weights, plus task data."""
+    models = {
+        "student": build_random_model(base / "student", hidden=32, seed=1),
+        "teacher_math": build_random_model(base / "teacher-math", hidden=64, seed=2),
+        "teacher_code": build_random_model(base / "teacher-code", hidden=64, seed=3),
+    }
+    return World(base, models, write_task_data(base / "data", n_train=12, n_test=4))
 
 
 def tiny_distill_config(base: Path, models: dict[str, Path], data: dict[str, list[Path]], run_id: str,

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import World, build_world, make_config
+from harness import make_config
+from tiny import World, build_world
 
 import flows  # noqa: F401  (before Prefect itself: loopback host, start-up timeout, no analytics)
 

@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tiny import build_random_model, tiny_distill_config, write_task_data
+from tiny import World, tiny_distill_config
 
 from storage.catalog import open_catalog
 from storage.doctor import check_checkpoint, check_shard
@@ -23,24 +22,6 @@ from storage.schemas import TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTED_TABLES = ("rollouts", "scores", "updates", "evals")
-
-
-@dataclass(frozen=True)
-class World:
-    """Tiny real models (shared byte-level vocabulary) and math + code prompt datasets."""
-
-    base: Path
-    models: dict[str, Path]
-    data: dict[str, list[Path]]
-
-
-def build_world(base: Path) -> World:
-    models = {
-        "student": build_random_model(base / "student", hidden=32, seed=1),
-        "teacher_math": build_random_model(base / "teacher-math", hidden=64, seed=2),
-        "teacher_code": build_random_model(base / "teacher-code", hidden=64, seed=3),
-    }
-    return World(base, models, write_task_data(base / "data", n_train=12, n_test=4))
 
 
 def make_config(world: World, run_id: str, root: Path | None = None, **changes) -> dict:
