@@ -219,7 +219,7 @@ OPTIMISATIONS = [
     "4. The flow's `report` task drew the matplotlib PNG after every iteration (about 6 of the 7 s of the "
     "report task under cProfile); it now plots after the last iteration only (`write_report(plot=...)`; "
     "`gopd report` always plots) and opens the DuckDB catalog once instead of three times.",
-    "5. Resident models (`models.resident_scope`, `pipeline.keep_models_loaded`, config `resident_models`, default "
+    "5. Resident models (`models.keep_models_loaded`, config `resident_models`, default "
     "4): a profile of the TRL-comparison step found 4 `load_model` calls per step (1.4 s under load). The "
     "teachers and the reference now load once per run, and the update hands its trained model and AdamW "
     "state to the next iteration's rollout, scoring and update; a rewritten checkpoint is a miss, never a "

@@ -64,7 +64,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
 
 
 class ResidentModels:
-    """Process-wide LRU of loaded models, so the stages of a run stop reloading the same weights.
+    """An LRU of loaded models for one run, so its stages stop reloading the same weights.
 
     A G-OPD iteration touches the same models over and over: the teachers and the reference every
     iteration, the student checkpoint in rollout, scoring, the update and evaluation. An entry is
@@ -76,8 +76,8 @@ class ResidentModels:
     - `put`: register an in-memory model whose weights equal those saved at `path` (the update's
       new checkpoint), with `extras` such as its optimizer, which `take` hands back.
     `capacity` models at most (least recently used leave first); 0 keeps nothing. Each run has its
-    own (`resident_scope`, entered by `pipeline.keep_models_loaded`); `resident_models()` is the
-    current context's, or outside any run one that keeps nothing.
+    own (`keep_models_loaded`, entered by the flows); `resident_models()` is the current
+    context's, or outside any run one that keeps nothing.
     """
 
     total_loads = 0  # models read from disk by every cache of the process, for tests and benchmarks
@@ -90,8 +90,7 @@ class ResidentModels:
 
     @staticmethod
     def _key(path: str | Path, dtype: torch.dtype | None, device: str) -> tuple:
-        path = check_model_dir(path).resolve()
-        return (_weights_stamp(path), dtype or best_dtype(device), str(torch.device(device)))
+        return (_weights_stamp(check_model_dir(path).resolve()), dtype or best_dtype(device), str(torch.device(device)))
 
     def get(self, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.nn.Module:
         key = self._key(path, dtype, device)
@@ -148,11 +147,13 @@ def resident_models() -> ResidentModels:
 
 
 @contextmanager
-def resident_scope(capacity: int) -> Iterator[ResidentModels]:
-    """A fresh cache of `capacity` models for the code inside (one run); every model is released on exit.
+def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
+    """Inside (one run), the stages share up to `capacity` loaded models; all are released on exit.
 
-    A context variable, so runs in other threads or tasks of the process keep their own caches
-    and never train a model another run is sampling from.
+    The update hands its trained model (and optimizer) to the next iteration's rollout, scoring and
+    update, and the teachers and reference load once per run instead of once per iteration. The
+    cache sits in a context variable, so runs in other threads or tasks of the process keep their
+    own and never train a model another run is sampling from.
     """
     cache = ResidentModels(capacity)
     token = _CURRENT.set(cache)
@@ -164,17 +165,14 @@ def resident_scope(capacity: int) -> Iterator[ResidentModels]:
 
 
 def _weights_stamp(path: Path) -> tuple:
-    """(path, (file, size, mtime) of config and weights): changes whenever the checkpoint is rewritten."""
+    """(file, size, mtime) of the config and weights: changes whenever the checkpoint is rewritten."""
     files = sorted([*path.glob("*.safetensors"), *path.glob("*.bin"), path / "config.json"])
-    return (str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def model_hash(path: str | Path) -> str:
     """Content hash (sha256, 16 hex) of a model's weights and config: same bytes, same hash."""
-    path = check_model_dir(path)
-    files = sorted([*path.glob("*.safetensors"), *path.glob("*.bin"), path / "config.json"])
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _hash_files(stamp)
+    return _hash_files(_weights_stamp(check_model_dir(path)))
 
 
 @lru_cache(maxsize=64)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +19,12 @@ from transformers import AutoConfig
 from gopd_core.config import ConfigError, RunConfig, save_config
 from gopd_core.evaluation import evaluate_checkpoint, score_samples
 from gopd_core.models import (
-    ResidentModels,
     check_same_vocab,
     has_dropout,
+    keep_models_loaded,  # noqa: F401  (re-exported: the flows enter pipeline.keep_models_loaded)
     load_tokenizer,
     model_hash,
     render_prompt,
-    resident_scope,
 )
 from gopd_core.rollout import SamplingParams, check_prompt_lengths, open_engine
 from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
@@ -105,17 +102,6 @@ def _check_same_run(stored: dict, current: dict, layout: RunLayout) -> None:
     if changed:
         raise ConfigError(f"run {layout.run_dir} already exists with a different config ({', '.join(changed)} "
                           "changed); use a new run_id, or the same config to resume")
-
-
-@contextmanager
-def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
-    """Inside, the stages share up to `capacity` loaded models (`models.resident_scope`); released on exit.
-
-    The update hands its trained model (and optimizer) to the next iteration's rollout, scoring and
-    update, and the teachers and reference are loaded once per run instead of once per iteration.
-    """
-    with resident_scope(capacity) as cache:
-        yield cache
 
 
 def _engine_options(backend: str, device: str) -> dict:

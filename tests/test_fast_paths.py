@@ -175,16 +175,16 @@ def test_resident_models_leave_the_distill_flow_results_unchanged(world):
 def test_each_run_scope_has_its_own_resident_models(tmp_path):
     import threading
 
-    from gopd_core.models import resident_scope
+    from gopd_core.models import keep_models_loaded
 
     path = build_random_model(tmp_path / "m", seed=6)
     seen = {}
 
     def other_run():
-        with resident_scope(2) as cache:
+        with keep_models_loaded(2) as cache:
             seen["other"] = cache.get(path)
 
-    with resident_scope(2) as cache:
+    with keep_models_loaded(2) as cache:
         mine = resident_models().get(path)
         assert resident_models() is cache and cache.get(path) is mine
         thread = threading.Thread(target=other_run)
