@@ -59,6 +59,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import gopd_core  # noqa: F401  (sets gopd's OpenMP default, which both sides inherit through _quiet_env)
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 TRL_VENV = BENCHMARKS / ".venv-trl"
@@ -143,8 +145,7 @@ def ensure_trl_venv() -> Path:
 
 
 def _quiet_env(threads: int = 2) -> dict[str, str]:
-    spin = {} if "OMP_WAIT_POLICY" in os.environ else {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **spin,
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
             "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

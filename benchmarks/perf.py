@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -30,10 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# as gopd_core does, before torch loads: a short OpenMP spin (see gopd_core/__init__.py)
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+import gopd_core  # noqa: E402, F401  (before torch loads: gopd's OpenMP default, see gopd_core/__init__.py)
 
+# isort: split
 import torch  # noqa: E402
 
 from benchmarks import perf_common as common  # noqa: E402
