@@ -29,12 +29,16 @@ one optimizer step per step over the whole batch. What differs, by design of eac
 - Both keep their models in memory across steps (gopd: `pipeline.keep_models_loaded`, as the
   `distill` flow does). gopd's stages are still separate, resumable steps over a Parquet store:
   the rollouts and scores are written as Parquet, and every update writes a full checkpoint
-  (safetensors + AdamW state) to disk, which TRL (save_strategy "no") does not.
+  (safetensors + AdamW state) to disk, which TRL (save_strategy "no") does not. The weights are
+  written before the step ends; the AdamW state (twice their bytes) is written on a background
+  thread while the next step's rollout runs, and waited for before the next AdamW step.
 - TRL's loss is the full-vocabulary reverse KL: student and teacher logits at every position of
   prompt + response (B, L, V), with one student forward that also carries the gradient. gopd's
   loss is the sampled-token estimator: teacher and student log-probs of the sampled tokens only
-  (no (B, L, V) log-softmax). With one minibatch the update's forward pass also gives the
+  (no (B, L, V) log-softmax; the update's backward through the head keeps one (N, V) buffer,
+  `scoring.sampled_token_logprobs`). With one minibatch the update's forward pass also gives the
   student's old log-probs (`pipeline.student_scored_in_update`), stored as the student's scores.
+  Both use torch's fused AdamW.
 - TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's
   HF engine drops finished rows from the batch and the KV cache, writes each token into a KV
   buffer reserved for the response, and runs its linears on oneDNN-prepacked weights. The

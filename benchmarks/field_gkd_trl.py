@@ -114,6 +114,7 @@ def main(settings: dict) -> dict:
         "mean_response_tokens": sum(tokens) / max(1, len(tokens)), "responses": len(tokens),
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__,
+        "optim": str(getattr(args.optim, "value", args.optim)),  # transformers' default: adamw_torch_fused
         "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
     }
 

@@ -1,6 +1,6 @@
 """How close gopd runs to this machine's limit: one run, one machine, `results/perf.json` + `perf.md`.
 
-    python3 benchmarks/perf.py            # full run (~14 min on 2 busy CPU cores, + ~3 min field_gkd)
+    python3 benchmarks/perf.py            # full run (~14 min on 2 CPU cores, + ~12 min field_gkd)
     python3 benchmarks/perf.py --quick    # smoke run, small workloads, one repeat: ~2 min with
                                           # --skip-vllm --skip-field; writes to benchmarks/.cache/perf-quick
     python3 benchmarks/perf.py --from-json benchmarks/results/perf.json   # only rewrite perf.md
@@ -98,19 +98,21 @@ def model_section(name: str, args, peaks: dict[str, float], prompt_ids: list[lis
     return section
 
 
-# the TRL comparison's response lengths: reasoning-length answers (field_gkd.py's default) and short ones
-FIELD_RESPONSE_TOKENS = (256, 64)
+# the TRL comparison's (response tokens, vocabulary): reasoning-length and short answers over the zoo's
+# 259-token byte vocabulary, then short answers with the models widened to real vocabularies
+# (Llama-2/Mistral's 32000, Qwen3's 151936), where every (B, L, V) tensor costs real time and memory
+FIELD_RUNS = ((256, None), (64, None), (64, 32000), (64, 151936))
 
 
 def field_section(skip: bool, quick: bool) -> dict:
-    """Run the TRL comparison (`field_gkd.py`) at each of FIELD_RESPONSE_TOKENS and read the JSON it writes."""
+    """Run the TRL comparison (`field_gkd.py`) for each of FIELD_RUNS and read the JSON it writes."""
     if skip:
         return {"status": "skipped (--skip-field)"}
     if not FIELD_SCRIPT.exists():
         return {"status": f"absent: {FIELD_SCRIPT.relative_to(common.REPO)} does not exist"}
     runs = []
-    for tokens in FIELD_RESPONSE_TOKENS[:1] if quick else FIELD_RESPONSE_TOKENS:
-        options = ["--quick"] if quick else ["--max-new-tokens", str(tokens)]
+    for tokens, vocab in FIELD_RUNS[:1] if quick else FIELD_RUNS:
+        options = ["--quick"] if quick else ["--max-new-tokens", str(tokens), *(["--vocab", str(vocab)] if vocab else [])]
         with tempfile.TemporaryDirectory() as tmp:
             output = Path(tmp) / "field.json"
             command = [sys.executable, str(FIELD_SCRIPT), "--json", str(output), *options]

@@ -46,7 +46,7 @@ def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig
 @task(**TASK_POLICY)
 def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str], config: RunConfig) -> Path:
     return pipeline.run_once(layout, iteration, "update", lambda: pipeline.update_stage(
-        layout, iteration, checkpoint, written, config), decode=Path)
+        layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.checkpoint_complete)
 
 
 @task(**TASK_POLICY)

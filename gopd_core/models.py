@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -19,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 # Our own stages show one progress bar each; per-file "Loading weights" bars would drown them.
 hf_logging.disable_progress_bar()
+log = logging.getLogger(__name__)
 
 
 class ModelPathError(FileNotFoundError):
@@ -75,6 +77,9 @@ class ResidentModels:
     - `take`: the model removed from the cache, for the update to train in place.
     - `put`: register an in-memory model whose weights equal those saved at `path` (the update's
       new checkpoint), with `extras` such as its optimizer, which `take` hands back.
+    - `defer`: run a write that the run itself does not read back (the update's optimizer state)
+      on a background thread, overlapping the next stages; `wait` joins them and re-raises their
+      first error. With capacity 0 (nothing kept, the next update reads from disk) it runs now.
     `capacity` models at most (least recently used leave first); 0 keeps nothing. Each run has its
     own (`keep_models_loaded`, entered by the flows); `resident_models()` is the current
     context's, or outside any run one that keeps nothing.
@@ -86,6 +91,7 @@ class ResidentModels:
         self.capacity = capacity
         self._entries: OrderedDict[tuple, tuple[torch.nn.Module, dict]] = OrderedDict()
         self._lock = threading.Lock()
+        self._deferred: list[tuple[threading.Thread, list[BaseException]]] = []
         self.loads = 0  # models read from disk (a miss)
 
     @staticmethod
@@ -117,6 +123,35 @@ class ResidentModels:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def defer(self, work: Callable[[], None], name: str) -> None:
+        """Run `work` on a background thread (joined by `wait`); run it now if this cache keeps nothing."""
+        if self.capacity <= 0:
+            work()
+            return
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as error:  # handed to whoever waits
+                errors.append(error)
+
+        thread = threading.Thread(target=run, name=f"gopd-{name}", daemon=False)
+        thread.start()
+        with self._lock:
+            self._deferred.append((thread, errors))
+
+    def wait(self) -> None:
+        """Join every deferred write; re-raise the first error one of them hit."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        failures = []
+        for thread, errors in deferred:
+            thread.join()
+            failures.extend(errors)
+        if failures:
+            raise failures[0]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -159,8 +194,13 @@ def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
     token = _CURRENT.set(cache)
     try:
         yield cache
+        cache.wait()  # the run's deferred checkpoint writes are on disk before it counts as finished
     finally:
         _CURRENT.reset(token)
+        try:
+            cache.wait()  # already joined, unless the run failed: then its error wins, not a write's
+        except Exception:
+            log.exception("a deferred checkpoint write failed while the run was failing")
         cache.clear()
 
 

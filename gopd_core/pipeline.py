@@ -27,7 +27,13 @@ from gopd_core.models import (
     render_prompt,
 )
 from gopd_core.rollout import SamplingParams, check_prompt_lengths, open_engine
-from gopd_core.training import LossSettings, OptimizerSettings, ScoreSets, update_policy
+from gopd_core.training import (
+    LossSettings,
+    OptimizerSettings,
+    ScoreSets,
+    checkpoint_complete,  # noqa: F401  (re-exported: the distill flow's update resume check)
+    update_policy,
+)
 from storage.datasets import load_prompts
 from storage.layout import RunLayout
 from storage.parquet import write_shard
@@ -283,16 +289,22 @@ def read_run_config(layout: RunLayout) -> RunConfig:
     return parse_config(json.loads(layout.config_path.read_text()), source=str(layout.config_path))
 
 
-def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, decode=str):
+def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, decode=str, complete=None):
     """Resume point: return what a completed `stage` recorded, else run `work()` and record its result.
 
     The marker is written only after `work` finished writing, so a killed stage simply runs again
-    (its writers replace or skip complete shards, never duplicate rows).
+    (its writers replace or skip complete shards, never duplicate rows). `complete(result)`, if
+    given, vouches for outputs that finish after `work` returns (the update's deferred optimizer
+    state): a recorded result it rejects is run again.
     """
     done = layout.done_info(iteration, stage)
     if done is not None:
-        log.info("%s of iteration %d already complete, skipping (%s)", stage, iteration, done["result"])
-        return decode(done["result"])
+        result = decode(done["result"])
+        if complete is None or complete(result):
+            log.info("%s of iteration %d already complete, skipping (%s)", stage, iteration, done["result"])
+            return result
+        log.warning("%s of iteration %d was recorded but its output is incomplete (%s): running it again",
+                    stage, iteration, done["result"])
     started = time.perf_counter()
     result = work()
     layout.mark_done(iteration, stage, {"result": encode(result), "wall_s": time.perf_counter() - started})

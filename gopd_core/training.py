@@ -9,7 +9,11 @@
 3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
    padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
    (or `objectives.sft_loss` for the off-policy SFT baseline, picked by `LossSettings.objective`).
-4. Save the new weights (HF dir, safetensors) + optimizer state atomically; return per-step metrics.
+4. Save the new weights (HF dir, safetensors) atomically; return per-step metrics. The optimizer
+   state (twice the weights' bytes) and `trainer_state.json` follow in the background while the
+   run goes on (`ResidentModels.defer`, when the run keeps its models in memory), so that write
+   overlaps the next rollout. `trainer_state.json` is written last: a checkpoint without it is an
+   update that has not finished (`checkpoint_complete`), and a resumed run redoes that update.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gopd_core.models import load_tokenizer, resident_models
+from gopd_core.models import load_tokenizer, model_hash, resident_models
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
-from gopd_core.scoring import plan_microbatches, store_scores
-from storage.layout import RunLayout, atomic_directory
+from gopd_core.scoring import plan_microbatches, sampled_token_logprobs, store_scores
+from storage.layout import RunLayout, atomic_directory, atomic_file, write_json_atomic
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
 
 log = logging.getLogger(__name__)
@@ -140,10 +144,9 @@ def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention
     offsets_T = torch.arange(width, device=input_ids_BL.device)
     target_pos_BT = (response_start_B[:, None] + offsets_T[None, :]).clamp(max=input_ids_BL.shape[1] - 1)
     hidden_BTH = hidden_BLH.gather(1, (target_pos_BT - 1)[..., None].expand(-1, -1, hidden_BLH.shape[-1]))
-    logits_BTV = model.get_output_embeddings()(hidden_BTH).float()
     targets_BT = input_ids_BL.gather(1, target_pos_BT)
-    chosen_BT = logits_BTV.gather(-1, targets_BT[..., None]).squeeze(-1)
-    return chosen_BT - torch.logsumexp(logits_BTV, dim=-1)
+    batch, width = targets_BT.shape
+    return sampled_token_logprobs(model, hidden_BTH.reshape(batch * width, -1), targets_BT.reshape(-1)).view(batch, width)
 
 
 def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str, torch.Tensor]:
@@ -192,7 +195,8 @@ def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: Optimize
     if "optimizer" in resident:
         optimizer, global_step = resident["optimizer"], resident["global_step"]
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                      fused=_fused_adamw(model))
         state_path = Path(model_path) / OPTIMIZER_FILE
         global_step = 0
         if state_path.exists():
@@ -266,6 +270,7 @@ def update_policy(
     if not rows.input_ids:
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
     torch.manual_seed(seed + iteration)
+    resident_models().wait()  # the previous update's optimizer state is on disk and no longer being read
     model, resident = resident_models().take(model_path, dtype=torch.float32, device=device)  # trained in place
     model.train()
     optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings, resident)
@@ -301,13 +306,37 @@ def update_policy(
     return checkpoint, step_rows
 
 
+def _fused_adamw(model: torch.nn.Module) -> bool:
+    """torch's single-kernel AdamW where it has one: 5-10x faster steps than the per-tensor loop on CPU."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+               for p in model.parameters())
+
+
+def checkpoint_complete(checkpoint: str | Path) -> bool:
+    """Whether an update's checkpoint was written to the end (its trainer state is written last)."""
+    return (Path(checkpoint) / OPTIMIZER_FILE).exists() and (Path(checkpoint) / TRAINER_STATE_FILE).exists()
+
+
 def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent: str | Path, global_step: int) -> Path:
-    """HF directory (safetensors + tokenizer) + optimizer state, renamed into place as a whole."""
+    """HF directory (safetensors + tokenizer) renamed into place as a whole; then optimizer and trainer state.
+
+    The second part is deferred to a background thread when the run keeps models resident (the next
+    update then reads the optimizer from memory, and waits for this write before stepping it);
+    `checkpoint_complete` tells a finished checkpoint from one whose deferred part never landed.
+    """
     final = layout.checkpoint_dir(iteration)
     with atomic_directory(final) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
         load_tokenizer(parent).save_pretrained(str(staging))
-        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
-        (staging / TRAINER_STATE_FILE).write_text(json.dumps({
-            "global_step": global_step, "iteration": iteration, "run_id": layout.run_id, "parent": str(parent)}))
+    state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
+    trainer_state = {"global_step": global_step, "iteration": iteration, "run_id": layout.run_id,
+                     "parent": str(parent)}
+
+    def finish() -> None:
+        model_hash(final)  # read back now for the next rollout's checkpoint id, which it caches
+        with atomic_file(final / OPTIMIZER_FILE) as tmp:
+            torch.save(state, tmp)
+        write_json_atomic(final / TRAINER_STATE_FILE, trainer_state)
+
+    resident_models().defer(finish, f"checkpoint-{iteration}")
     return final

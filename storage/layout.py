@@ -114,13 +114,23 @@ class RunLayout:
             handle.close()
 
 
-def write_json_atomic(path: Path, payload: dict) -> Path:
-    """Write JSON to `path` via a temporary file and rename."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; once written, it replaces `path` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> Path:
+    """Write JSON to `path` via a temporary file and rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     return path
 
 

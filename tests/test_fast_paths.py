@@ -26,7 +26,7 @@ from gopd_core.pipeline import (
 from gopd_core.rollout import SamplingParams
 from gopd_core.rollout.hf import ReservedLayer
 from gopd_core.scoring import score_key, score_rollouts
-from gopd_core.training import ScoreSets, update_policy
+from gopd_core.training import ScoreSets, checkpoint_complete, update_policy
 from storage.layout import RunLayout
 from storage.readers import read_score_map, rollout_shards
 
@@ -164,8 +164,13 @@ def test_resident_models_leave_the_distill_flow_results_unchanged(world):
         loads[resident] = ResidentModels.total_loads - before
         weights[resident] = [load_file(str(layout.checkpoint_dir(i) / "model.safetensors")) for i in (0, 1)]
         assert resident_models().capacity == 0 and len(resident_models()) == 0  # the run's cache is gone
-    for kept, reloaded in zip(weights[4], weights[0]):
+        optimizers = [torch.load(layout.checkpoint_dir(i) / "optimizer.pt", weights_only=True) for i in (0, 1)]
+        weights[resident] = list(zip(weights[resident], optimizers))
+    for (kept, kept_state), (reloaded, reloaded_state) in zip(weights[4], weights[0]):
         assert all(torch.equal(kept[k], reloaded[k]) for k in kept)
+        # resident: the optimizer state is written in the background, and there by the flow's end
+        for slot, state in kept_state["state"].items():
+            assert all(torch.equal(state[k], reloaded_state["state"][slot][k]) for k in state)
     # kept: the student init (rollout 0), the 2 teachers, and the student init again as iteration 1's
     # reference (iteration 0's update trained the first copy); reloaded: per iteration the rollout, 2
     # teachers, the reference and the update each load a model
@@ -191,3 +196,55 @@ def test_each_run_scope_has_its_own_resident_models(tmp_path):
         thread.start(), thread.join()
     assert seen["other"] is not mine  # never the same object: one run may train what another samples
     assert resident_models().capacity == 0  # outside a run nothing is kept
+
+
+def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world):
+    base, models, data = world.base, world.models, world.data
+    settings = {"update.minibatches": 1, "data.test": []}
+    whole = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "deferred-whole", **settings))))
+    cut = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "deferred-cut", iterations=1,
+                                                            **settings))))
+    first = cut.checkpoint_dir(0)
+    assert checkpoint_complete(first)
+    # a kill while the optimizer state was still being written: weights renamed in, the rest missing
+    (first / "trainer_state.json").unlink()
+    (first / "optimizer.pt").unlink()
+    assert cut.done_info(0, "update") is not None and not checkpoint_complete(first)
+    distill(config=tiny_distill_config(base, models, data, "deferred-cut", **settings))  # resumes
+    for i in (0, 1):
+        assert checkpoint_complete(cut.checkpoint_dir(i))
+        redone, straight = (load_file(str(r.checkpoint_dir(i) / "model.safetensors")) for r in (cut, whole))
+        assert all(torch.equal(redone[k], straight[k]) for k in straight)
+        redone, straight = (torch.load(r.checkpoint_dir(i) / "optimizer.pt", weights_only=True)["state"]
+                            for r in (cut, whole))
+        assert all(torch.equal(redone[slot][k], straight[slot][k]) for slot in straight for k in straight[slot])
+
+
+def test_deferred_writes_run_in_the_background_and_hand_back_their_errors(tmp_path):
+    import threading
+
+    from gopd_core.models import keep_models_loaded
+
+    release, ran = threading.Event(), []
+
+    def slow_write():
+        release.wait(5)
+        ran.append(threading.current_thread().name)
+
+    with keep_models_loaded(2) as cache:
+        cache.defer(slow_write, "slow")
+        assert ran == []  # still waiting: the caller went on
+        release.set()
+    assert ran == ["gopd-slow"]  # joined when the run's scope closed
+
+    def failing_write():
+        raise OSError("disk full")
+
+    cache = ResidentModels(capacity=2)
+    cache.defer(failing_write, "failing")
+    with pytest.raises(OSError, match="disk full"):
+        cache.wait()
+    cache.wait()  # reported once
+    now = ResidentModels(capacity=0)  # a run that keeps nothing reads the state back: written at once
+    with pytest.raises(OSError, match="disk full"):
+        now.defer(failing_write, "failing")

@@ -20,6 +20,7 @@ from gopd_core.scoring import (
     context_prompt_ids,
     plan_microbatches,
     response_logprobs,
+    sampled_token_logprobs,
     score_rollouts,
 )
 from gopd_core.tokenizer import build_tokenizer, save_tokenizer
@@ -357,3 +358,39 @@ def test_update_log_probs_need_no_padding_mask_for_right_padded_rows(zoo):
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(causal_BT[b, :len(response)].numpy(), full_pass_logprobs(model, prompt, response),
                                    atol=1e-4, rtol=0)
+
+
+class _Head(torch.nn.Module):
+    """The two things `sampled_token_logprobs` asks of a causal LM: its output layer and its config."""
+
+    def __init__(self, hidden: int, vocab: int, bias: bool, **config) -> None:
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=bias)
+        self.config = type("Config", (), config)()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+
+@pytest.mark.parametrize(("bias", "config"), [(False, {}), (True, {}), (False, {"final_logit_softcapping": 3.0})])
+def test_sampled_token_logprobs_match_autograd_values_and_gradients(bias, config):
+    # the update's hand-written backward (plain heads) and the autograd one (transformed heads) vs log_softmax
+    torch.manual_seed(0)
+    head = _Head(16, 300, bias, **config)
+    hidden_NH = (torch.randn(9, 16) * 3).requires_grad_()
+    targets_N, upstream_N = torch.randint(0, 300, (9,)), torch.randn(9)
+    got_N = sampled_token_logprobs(head, hidden_NH, targets_N)
+    (got_N * upstream_N).sum().backward()
+    got = [hidden_NH.grad.clone(), *(p.grad.clone() for p in head.parameters())]
+    hidden_NH.grad = None
+    head.zero_grad()
+    logits_NV = head.lm_head(hidden_NH)
+    if config:
+        logits_NV = torch.tanh(logits_NV / 3.0) * 3.0
+    want_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N[:, None]).squeeze(1)
+    (want_N * upstream_N).sum().backward()
+    want = [hidden_NH.grad, *(p.grad for p in head.parameters())]
+    torch.testing.assert_close(got_N, want_N, atol=1e-5, rtol=0)
+    assert len(got) == len(want) == (3 if bias else 2)
+    for got_grad, want_grad in zip(got, want):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
