@@ -44,12 +44,26 @@ def sample_next_tokens(
     if temperature == 0:
         tokens_B = logits_BV.argmax(dim=-1)
     else:
-        probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+        probs_BV = torch.softmax(logits_BV if temperature == 1 else logits_BV / temperature, dim=-1)
         if top_p < 1.0:
             probs_BV = top_p_filter(probs_BV, top_p)
-        # draw on the CPU generator wherever the model runs: same seed, same tokens
-        tokens_B = torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(probs_BV.device)
+        tokens_B = draw_tokens(probs_BV, generator)
     return tokens_B, raw_logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def draw_tokens(probs_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row with probability proportional to `probs_BV`: inverse CDF on one uniform per row.
+
+    torch.multinomial draws an exponential per vocabulary entry from the serial CPU generator: at 8
+    rows x 151,936 that was 31 ms per decode step, a third of a 25M-body student's decoding. The
+    cumulative sum runs in float64 so that no token's interval is lost to rounding; zero-probability
+    tokens (cut by top-p) have empty intervals and are never drawn. The uniforms come from the CPU
+    generator wherever the model runs: same seed, same tokens.
+    """
+    cdf_BV = probs_BV.double().cumsum(dim=-1)
+    uniform_B1 = torch.rand((probs_BV.shape[0], 1), generator=generator, dtype=torch.float64).to(probs_BV.device)
+    tokens_B1 = torch.searchsorted(cdf_BV, uniform_B1 * cdf_BV[:, -1:], right=True)
+    return tokens_B1.clamp_(max=probs_BV.shape[-1] - 1).squeeze(-1)
 
 
 def top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
