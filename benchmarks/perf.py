@@ -98,6 +98,30 @@ def model_section(name: str, args, peaks: dict[str, float], prompt_ids: list[lis
     return section
 
 
+# the scoring comparison again with the ~100M teacher widened to real vocabularies (field_gkd.widen_vocabulary):
+# the zoo's 259-token vocabulary makes the naive scorer's full-vocabulary log_softmax nearly free
+SCORING_VOCABULARIES = (32000, 151936)
+
+
+def vocabulary_scoring(args, peaks: dict[str, float], prompt_ids: list[list[int]]) -> dict:
+    """`compare_scorers` on the teacher with each of SCORING_VOCABULARIES rows, on the teacher's own rows."""
+    from benchmarks.field_gkd import widen_vocabulary
+
+    budget = RunConfig.model_fields["score_token_budget"].default
+    out = {}
+    for vocab in SCORING_VOCABULARIES[:0] if args.quick else SCORING_VOCABULARIES:
+        model = load_model(widen_vocabulary(args.zoo.resolve(), vocab) / common.TEACHER)
+        # the same rows as the teacher's section: same seed and count, ids of the zoo's 259 tokens
+        sequences = common.spread_sequences(prompt_ids, size("score_rows", args.quick, common.TEACHER), 32, 512,
+                                            int(model.config.max_position_embeddings) - 1, 259)
+        name = f"{common.TEACHER}, vocabulary {vocab}"
+        out[name] = {"scoring": compare_scorers(model, sequences, peaks, budget, size("score_repeats", args.quick),
+                                                size("naive_repeats", args.quick))}
+        print(f"[perf] {name} scoring: {json.dumps(out[name]['scoring'])}", flush=True)
+        del model
+    return out
+
+
 # the TRL comparison's (response tokens, vocabulary): reasoning-length and short answers over the zoo's
 # 259-token byte vocabulary, then short answers with the models widened to real vocabularies
 # (Llama-2/Mistral's 32000, Qwen3's 151936), where every (B, L, V) tensor costs real time and memory
@@ -145,6 +169,7 @@ def run(args) -> dict:
     prompt_ids = [render_prompt(tokenizer, row["messages"]) for row in prompts]
     results["models"] = {name: model_section(name, args, peaks, prompt_ids, prompts)
                          for name in (common.STUDENT, common.TEACHER)}
+    results["vocabulary_scoring"] = vocabulary_scoring(args, peaks, prompt_ids)
     budget = RunConfig.model_fields["score_token_budget"].default
     results["scoring_memory"] = memory_growth(args.zoo / common.STUDENT, size("memory_rows", args.quick), 16, budget)
     print(f"[perf] memory {json.dumps(results['scoring_memory'])}", flush=True)
