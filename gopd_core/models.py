@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -133,6 +134,7 @@ class ResidentModels:
 
         def run() -> None:
             try:
+                _yield_cpu()
                 work()
             except BaseException as error:  # handed to whoever waits
                 errors.append(error)
@@ -169,6 +171,15 @@ class ResidentModels:
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread): a deferred write runs mostly on the
+    idle moments of the stages' compute threads instead of preempting them mid parallel region."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # other systems: run at the normal priority
+        pass
 
 
 _CURRENT: ContextVar[ResidentModels | None] = ContextVar("gopd_resident_models", default=None)

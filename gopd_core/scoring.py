@@ -142,12 +142,17 @@ def _selected_logprobs(
     transform: Callable[[torch.Tensor], torch.Tensor] | None, chunk_tokens: int,
 ) -> torch.Tensor:
     """log softmax(lm_head(h))[target] for each of N positions, fp32 (N,), chunk_tokens at a time."""
-    pieces = []
+    pieces, in_place = [], not (torch.is_grad_enabled() and hidden_NH.requires_grad)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         logits_nV = lm_head(hidden_NH[start:start + chunk_tokens])
         logits_nV = (logits_nV if transform is None else transform(logits_nV)).float()  # (n, V)
         chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1)
-        pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
+        if in_place:  # scoring: logsumexp without its (n, V) temporaries, over the chunk's own buffer
+            top_n1 = logits_nV.amax(dim=1, keepdim=True)
+            total_n = logits_nV.sub_(top_n1).exp_().sum(dim=1)
+            pieces.append(chosen_n - top_n1.squeeze(1) - total_n.log())
+        else:
+            pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
     return torch.cat(pieces)
 
 
