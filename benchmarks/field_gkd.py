@@ -36,7 +36,7 @@ one optimizer step per step over the whole batch. What differs, by design of eac
   prompt + response (B, L, V), with one student forward that also carries the gradient. gopd's
   loss is the sampled-token estimator: teacher and student log-probs of the sampled tokens only
   (no (B, L, V) log-softmax; the update's backward through the head keeps one (N, V) buffer,
-  `scoring.sampled_token_logprobs`). With one minibatch the update's forward pass also gives the
+  `head_logprobs.sampled_token_logprobs`). With one minibatch the update's forward pass also gives the
   student's old log-probs (`pipeline.student_scored_in_update`), stored as the student's scores.
   Both use torch's fused AdamW.
 - TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's

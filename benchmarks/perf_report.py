@@ -255,7 +255,7 @@ OPTIMISATIONS = [
     "10. torch's fused AdamW (`fused=True`, one kernel over all parameters; TRL's default too): the "
     "per-tensor loop took 0.58-1.7 s per step for the 103M-parameter student of the 151,936-token "
     "variant, fused 0.08-0.11 s.",
-    "11. The update's log-probs through the head (`scoring.sampled_token_logprobs`): a hand-written backward "
+    "11. The update's log-probs through the head (`head_logprobs.sampled_token_logprobs`): a hand-written backward "
     "turns the softmax it keeps into the logit gradient in place, instead of autograd's logits, logsumexp "
     "temporaries, zero-filled gather gradient and their sum (about 15 passes over an (N, V) tensor, "
     "311 MB at 512 tokens x 151,936). Student forward+backward at that vocabulary, profiled: 5.0 s -> 4.1 s; "

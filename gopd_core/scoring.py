@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
     check_same_vocab,
     load_tokenizer,
@@ -117,93 +118,6 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int,
     return batches[::-1]
 
 
-def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What the model's own forward does to `lm_head` output (Gemma softcap, Granite/Cohere scaling); None: nothing."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    divide = getattr(config, "logits_scaling", None)
-    multiply = getattr(config, "logit_scale", None)
-    if softcap is None and divide is None and multiply is None:
-        return None
-
-    def transform(logits_NV: torch.Tensor) -> torch.Tensor:
-        if divide is not None:
-            logits_NV = logits_NV / divide
-        if multiply is not None:
-            logits_NV = logits_NV * multiply
-        if softcap is not None:
-            logits_NV = torch.tanh(logits_NV / softcap) * softcap
-        return logits_NV
-
-    return transform
-
-
-def _selected_logprobs(
-    hidden_NH: torch.Tensor, targets_N: torch.Tensor, lm_head: torch.nn.Module,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None, chunk_tokens: int,
-) -> torch.Tensor:
-    """log softmax(lm_head(h))[target] for each of N positions, fp32 (N,), chunk_tokens at a time."""
-    pieces, in_place = [], not (torch.is_grad_enabled() and hidden_NH.requires_grad)
-    for start in range(0, hidden_NH.shape[0], chunk_tokens):
-        logits_nV = lm_head(hidden_NH[start:start + chunk_tokens])
-        logits_nV = (logits_nV if transform is None else transform(logits_nV)).float()  # (n, V)
-        chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1)
-        if in_place:  # scoring: logsumexp without its (n, V) temporaries, over the chunk's own buffer
-            top_n1 = logits_nV.amax(dim=1, keepdim=True)
-            total_n = logits_nV.sub_(top_n1).exp_().sum(dim=1)
-            pieces.append(chosen_n - top_n1.squeeze(1) - total_n.log())
-        else:
-            pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
-    return torch.cat(pieces)
-
-
-class _SampledTokenLogprob(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] with a hand-written backward that keeps one (N, V) tensor.
-
-    Autograd's version keeps the logits, a same-sized exp inside logsumexp, a zero-filled gather
-    gradient and the sum of the two gradients: about 15 passes over (N, V) floats. Here the forward
-    turns the logits into softmax probabilities in place and the backward turns those into the
-    logit gradient g * (onehot - p) in place, then runs the two matmuls: ~6 passes and one buffer,
-    which matters once V is a real vocabulary (151,936 x 512 tokens is 311 MB of fp32).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N):
-        probs_NV = torch.nn.functional.linear(hidden_NH, weight_VH, bias_V).float()
-        chosen_N = probs_NV.gather(1, targets_N[:, None]).squeeze(1)
-        top_N1 = probs_NV.amax(dim=1, keepdim=True)
-        probs_NV.sub_(top_N1).exp_()
-        total_N1 = probs_NV.sum(dim=1, keepdim=True)
-        probs_NV.div_(total_N1)
-        ctx.save_for_backward(hidden_NH, weight_VH, probs_NV, targets_N)
-        ctx.has_bias = bias_V is not None
-        return chosen_N - (top_N1 + total_N1.log()).squeeze(1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_N):
-        hidden_NH, weight_VH, probs_NV, targets_N = ctx.saved_tensors
-        grad_NV = probs_NV.mul_(-grad_N.float()[:, None])  # d logprob / d logits = onehot - p
-        grad_NV.scatter_add_(1, targets_N[:, None], grad_N.float()[:, None])
-        grad_NV = grad_NV.to(weight_VH.dtype)
-        grad_hidden = grad_NV @ weight_VH if ctx.needs_input_grad[0] else None
-        grad_weight = grad_NV.T @ hidden_NH if ctx.needs_input_grad[1] else None
-        grad_bias = grad_NV.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
-
-
-def sampled_token_logprobs(model: torch.nn.Module, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    """Differentiable log-prob (fp32, (N,)) of `targets_N` given the decoder's last hidden states.
-
-    The update's loss needs only these N values, never the (N, V) log-softmax: a plain linear head
-    takes `_SampledTokenLogprob`; heads with a logit transform (softcap, scaling) or of another kind
-    take the same formula through autograd.
-    """
-    lm_head, transform = model.get_output_embeddings(), _logit_transform(model.config)
-    if transform is None and type(lm_head) is torch.nn.Linear:
-        return _SampledTokenLogprob.apply(hidden_NH, lm_head.weight, lm_head.bias, targets_N)
-    return _selected_logprobs(hidden_NH, targets_N, lm_head, transform, max(1, hidden_NH.shape[0]))
-
-
 def _pad_microbatch(
     rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,7 +171,7 @@ def response_logprobs(
     _check_sequences(sequences, model.get_input_embeddings().num_embeddings)
     device = next(model.parameters()).device
     autocast = dtype is not None and dtype != next(model.parameters()).dtype
-    transform = _logit_transform(model.config)
+    transform = logit_transform(model.config)
     chunk_tokens = max(1, logit_chunk_elements // lm_head.out_features)
     results = [np.zeros(0, dtype=np.float32) for _ in sequences]
     scored = [i for i, (_, response) in enumerate(sequences) if len(response)]
@@ -271,7 +185,7 @@ def response_logprobs(
             # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
             # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
             hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
-            logprobs_N = _selected_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
+            logprobs_N = chosen_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
                                             chunk_tokens)
         ends = np.cumsum([len(response) for _, response in rows])[:-1]
         for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):

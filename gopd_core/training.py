@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, model_hash, resident_models
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
-from gopd_core.scoring import plan_microbatches, sampled_token_logprobs, store_scores
+from gopd_core.scoring import plan_microbatches, store_scores
 from storage.layout import RunLayout, atomic_directory, atomic_file, write_json_atomic
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
 

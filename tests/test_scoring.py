@@ -14,13 +14,13 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gopd_core.scoring as scoring
+from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import VocabularyMismatchError, load_model, load_tokenizer, model_hash, render_prompt
 from gopd_core.scoring import (
     ContextPromptError,
     context_prompt_ids,
     plan_microbatches,
     response_logprobs,
-    sampled_token_logprobs,
     score_rollouts,
 )
 from gopd_core.tokenizer import build_tokenizer, save_tokenizer
