@@ -45,12 +45,21 @@ def chosen_logprobs(
         logits_nV = (logits_nV if transform is None else transform(logits_nV)).float()  # (n, V)
         chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1)
         if in_place:  # scoring: logsumexp without its (n, V) temporaries, over the chunk's own buffer
-            top_n1 = logits_nV.amax(dim=1, keepdim=True)
-            total_n = logits_nV.sub_(top_n1).exp_().sum(dim=1)
-            pieces.append(chosen_n - top_n1.squeeze(1) - total_n.log())
+            top_n1, total_n1 = _exp_shifted_(logits_nV)
+            pieces.append(chosen_n - (top_n1 + total_n1.log()).squeeze(1))
         else:
             pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
     return torch.cat(pieces)
+
+
+def _exp_shifted_(logits_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn logits into exp(logits - row max) in place; returns (row max, row sum), both (N, 1).
+
+    logsumexp = max + log(sum), and the buffer divided by the sum is the softmax.
+    """
+    top_N1 = logits_NV.amax(dim=1, keepdim=True)
+    total_N1 = logits_NV.sub_(top_N1).exp_().sum(dim=1, keepdim=True)
+    return top_N1, total_N1
 
 
 class _SampledTokenLogprob(torch.autograd.Function):
@@ -67,9 +76,7 @@ class _SampledTokenLogprob(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N):
         probs_NV = torch.nn.functional.linear(hidden_NH, weight_VH, bias_V).float()
         chosen_N = probs_NV.gather(1, targets_N[:, None]).squeeze(1)
-        top_N1 = probs_NV.amax(dim=1, keepdim=True)
-        probs_NV.sub_(top_N1).exp_()
-        total_N1 = probs_NV.sum(dim=1, keepdim=True)
+        top_N1, total_N1 = _exp_shifted_(probs_NV)
         probs_NV.div_(total_N1)
         ctx.save_for_backward(hidden_NH, weight_VH, probs_NV, targets_N)
         ctx.has_bias = bias_V is not None

@@ -205,13 +205,16 @@ def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
     token = _CURRENT.set(cache)
     try:
         yield cache
+    except BaseException:
+        try:
+            cache.wait()  # the run's error wins over a write's
+        except Exception:
+            log.exception("a deferred checkpoint write failed while the run was failing")
+        raise
+    else:
         cache.wait()  # the run's deferred checkpoint writes are on disk before it counts as finished
     finally:
         _CURRENT.reset(token)
-        try:
-            cache.wait()  # already joined, unless the run failed: then its error wins, not a write's
-        except Exception:
-            log.exception("a deferred checkpoint write failed while the run was failing")
         cache.clear()
 
 

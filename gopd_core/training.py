@@ -33,7 +33,8 @@ from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, model_hash, resident_models
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import plan_microbatches, store_scores
-from storage.layout import RunLayout, atomic_directory, atomic_file, write_json_atomic
+from storage.layout import RunLayout, atomic_directory, write_json_atomic
+from storage.parquet import atomic_file
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
 
 log = logging.getLogger(__name__)

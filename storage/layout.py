@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.parquet import fsync_dir
+from storage.parquet import atomic_file, fsync_dir
 
 
 class RunLockedError(RuntimeError):
@@ -112,19 +112,6 @@ class RunLayout:
             yield
         finally:
             handle.close()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside `path`; once written, it replaces `path` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: dict) -> Path:

@@ -8,6 +8,7 @@ bytes on disk raise `CorruptShardError` instead of returning wrong numbers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -51,19 +52,28 @@ def write_shard(rows: pa.Table | Sequence[dict], path: str | Path, schema: pa.Sc
     """Atomically write `rows` (validated against `schema`) to `path`, replacing any previous shard."""
     path = Path(path)
     table = conform(rows, schema, what=str(path))
+    with atomic_file(path) as tmp, open(tmp, "wb") as sink:
+        pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+        sink.flush()
+        os.fsync(sink.fileno())
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; once written, it replaces `path` in one rename.
+
+    A crash leaves only the hidden temporary (`.NAME.tmp-*`, which readers skip and `storage.doctor`
+    lists), never a half-written `path`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-            sink.flush()
-            os.fsync(sink.fileno())
+        yield tmp
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(directory: Path) -> None:
