@@ -41,7 +41,8 @@ one optimizer step per step over the whole batch. What differs, by design of eac
   Both use torch's fused AdamW.
 - TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's
   HF engine drops finished rows from the batch and the KV cache, writes each token into a KV
-  buffer reserved for the response, and runs its linears on oneDNN-prepacked weights. The
+  buffer reserved for the response, and runs its decode steps through `rollout.lean_decode` (fused
+  oneDNN-prepacked projections, no transformers module stack). The
   random-init models sample different lengths on each side; both sides' mean response lengths
   are reported.
 - gopd's rollouts skip answer verification (`sampling.verify_rewards: false`, a monitoring metric

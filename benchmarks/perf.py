@@ -35,7 +35,7 @@ import gopd_core  # noqa: E402, F401  (before torch loads: gopd's OpenMP default
 import torch  # noqa: E402
 
 from benchmarks import perf_common as common  # noqa: E402
-from benchmarks.perf_flow import flow_overhead  # noqa: E402
+from benchmarks.perf_flow import flow_overhead, vllm_engine_reuse  # noqa: E402
 from benchmarks.perf_report import write_markdown  # noqa: E402
 from benchmarks.perf_rollout import engine_rollouts, update_throughput  # noqa: E402
 from benchmarks.perf_scoring import compare_scorers, memory_growth, profile_scorer, vllm_scoring  # noqa: E402
@@ -53,7 +53,7 @@ SIZES = {
     "rollout_batches": ([1, 8, 32], [8]), "rollout_tokens": (64, 16),
     "memory_rows": (32, 8), "update_rows": (24, 6),
     # iterations, prompts, samples per prompt, max_new_tokens: about 2-minute iterations on the quiet 2-core machine
-    "flow": ((2, 32, 4, 128), (1, 2, 2, 16)),
+    "flow": ((2, 32, 4, 128), (1, 2, 2, 16)), "engine_reuse": ((3, 8, 32), (2, 2, 8)),
 }
 VLLM_DTYPE = "float32"  # vLLM's "auto" runs fp32 checkpoints in 16 bits, emulated on a CPU without bf16
 
@@ -182,6 +182,9 @@ def run(args) -> dict:
     print(f"[perf] update {json.dumps(results['update'])}", flush=True)
     results["orchestration"] = flow_overhead(args.zoo, *size("flow", args.quick))
     print(f"[perf] orchestration {json.dumps(results['orchestration'])}", flush=True)
+    if not args.skip_vllm:
+        results["vllm_engine_reuse"] = vllm_engine_reuse(args.zoo, *size("engine_reuse", args.quick))
+        print(f"[perf] vllm engine reuse {json.dumps(results['vllm_engine_reuse'])}", flush=True)
     results["peaks_end"] = measure_peaks(args.quick)  # the load changes: the limit is the best of both
     results["field"] = field_section(args.skip_field, args.quick)
     results["wall_s"] = round(time.perf_counter() - started, 1)

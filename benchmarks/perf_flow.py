@@ -73,13 +73,16 @@ def overhead_shares(intervals: list[dict], flow_start: float, flow_end: float) -
             "steady_outside_share_max": max((w["outside_share"] for w in windows), default=None)}
 
 
-def _child(zoo: Path, iterations: int, prompts: int, n: int, max_new_tokens: int) -> dict:
+def _child(zoo: Path, iterations: int, prompts: int, n: int, max_new_tokens: int, overrides: dict) -> dict:
     from flows.distill import distill
+    from gopd_core.config import set_dotted
     from gopd_core.report import write_report
     from storage.layout import RunLayout
 
     with tempfile.TemporaryDirectory() as tmp:
         config = flow_config(zoo, Path(tmp), iterations, prompts, n, max_new_tokens)
+        for key, value in overrides.items():
+            set_dotted(config, key, value)
         before = load_average()
         started = time.time()
         run_dir = Path(distill(config=config))
@@ -89,18 +92,35 @@ def _child(zoo: Path, iterations: int, prompts: int, n: int, max_new_tokens: int
         write_report(RunLayout.under(tmp, "perf-flow"))
         shares["write_report_warm_s"] = round(time.perf_counter() - report_started, 3)
     return {"config": {k: config[k] for k in ("iterations", "sampling", "update")} | {
-        "prompts_per_iteration": prompts, "eval": config["eval"], "eval_prompts": 4},
+        "prompts_per_iteration": prompts, "eval": config["eval"], "eval_prompts": 4} | overrides,
         **shares, "load_before": before, "load_after": load_average()}
 
 
-def flow_overhead(zoo: Path, iterations: int, prompts: int, n: int, max_new_tokens: int) -> dict:
-    """Run the flow in a fresh process and return its overhead report."""
+def flow_overhead(zoo: Path, iterations: int, prompts: int, n: int, max_new_tokens: int,
+                  overrides: dict | None = None) -> dict:
+    """Run the flow (config keys changed by `overrides`, dotted) in a fresh process; return its overhead report."""
     command = [sys.executable, str(Path(__file__).resolve()), str(zoo), str(iterations), str(prompts), str(n),
-               str(max_new_tokens)]
+               str(max_new_tokens), "--overrides", json.dumps(overrides or {})]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"distill flow benchmark failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def vllm_engine_reuse(zoo: Path, iterations: int, prompts: int, max_new_tokens: int) -> dict:
+    """The flow with `backend: vllm` and no evaluation, once with `keep_engine` false (an engine per
+    rollout stage) and once true (one engine per run, `load_weights` per checkpoint): rollout stage seconds."""
+    out = {}
+    for keep in (False, True):
+        run = flow_overhead(zoo, iterations, prompts, 1, max_new_tokens,
+                            {"backend": "vllm", "keep_engine": keep, "data.test": []})
+        out[f"keep_engine={str(keep).lower()}"] = {
+            "rollout_s": [w["stage_s"]["rollout"] for w in run["iterations"]],
+            "iteration_s": [w["wall_s"] for w in run["iterations"]], "flow_wall_s": run["flow_wall_s"],
+            "load_before": run["load_before"], "load_after": run["load_after"]}
+    out["config"] = {"iterations": iterations, "prompts_per_iteration": prompts, "n": 1,
+                     "max_new_tokens": max_new_tokens, "backend": "vllm", "evaluation": "none"}
+    return out
 
 
 def main() -> None:
@@ -108,8 +128,9 @@ def main() -> None:
     parser.add_argument("zoo", type=Path)
     for name in ("iterations", "prompts", "n", "max_new_tokens"):
         parser.add_argument(name, type=int)
+    parser.add_argument("--overrides", type=json.loads, default={}, help="dotted config keys to change (JSON)")
     args = parser.parse_args()
-    print(json.dumps(_child(args.zoo, args.iterations, args.prompts, args.n, args.max_new_tokens)))
+    print(json.dumps(_child(args.zoo, args.iterations, args.prompts, args.n, args.max_new_tokens, args.overrides)))
 
 
 if __name__ == "__main__":

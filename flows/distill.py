@@ -31,7 +31,7 @@ def rollout(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConf
         layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
         sampling=sampling, backend=config.backend, seed=config.seed, device=config.device,
         sampler_by_domain=pipeline.rollout_samplers(config, layout),
-        verify_rewards=config.sampling.verify_rewards))
+        verify_rewards=config.sampling.verify_rewards, keep_engine=config.keep_engine))
 
 
 @task(**TASK_POLICY)

@@ -25,7 +25,7 @@ def evaluate(checkpoints: list[str], run_dir: str, test_data: list[str] | None =
     layout = RunLayout(Path(run_dir))
     settings = {"n_samples": n_samples, "k": k, "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "eval_prompts": eval_prompts, "backend": backend, "seed": seed, "device": device}
-    with layout.lock():
+    with layout.lock(), pipeline.keep_models_loaded(1):  # one vLLM engine reloads each checkpoint in turn
         if test_data:
             pipeline.store_test_prompts(layout, [Path(p) for p in test_data])
         return [evaluate_checkpoint(layout, Path(c), settings) for c in checkpoints]

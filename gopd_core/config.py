@@ -125,6 +125,11 @@ class RunConfig(_Frozen):
     iterations: int = Field(3, ge=1, le=100000)
     seed: int = 0
     backend: Literal["hf", "vllm"] = "hf"
+    keep_engine: bool = Field(
+        True, description="backend vllm, with resident_models > 0: one vLLM engine stays up for the whole run and "
+                          "reloads each new checkpoint in place instead of starting again every stage; false "
+                          "closes it after each stage, freeing its memory (on a GPU, its gpu_memory_utilization "
+                          "share) for the update.")
     device: str = "cpu"
     score_token_budget: int = Field(8192, ge=64)
     score_chunk_rows: int = Field(256, ge=1)

@@ -81,6 +81,8 @@ class ResidentModels:
     - `defer`: run a write that the run itself does not read back (the update's optimizer state)
       on a background thread, overlapping the next stages; `wait` joins them and re-raises their
       first error. With capacity 0 (nothing kept, the next update reads from disk) it runs now.
+    - `keep_open`: an engine (anything with `close`) the run keeps up across stages, e.g. the vLLM
+      sampler; closed when the run's scope closes. Not counted in `capacity`.
     `capacity` models at most (least recently used leave first); 0 keeps nothing. Each run has its
     own (`keep_models_loaded`, entered by the flows); `resident_models()` is the current
     context's, or outside any run one that keeps nothing.
@@ -93,6 +95,7 @@ class ResidentModels:
         self._entries: OrderedDict[tuple, tuple[torch.nn.Module, dict]] = OrderedDict()
         self._lock = threading.Lock()
         self._deferred: list[tuple[threading.Thread, list[BaseException]]] = []
+        self._open: dict[tuple, object] = {}
         self.loads = 0  # models read from disk (a miss)
 
     @staticmethod
@@ -121,9 +124,22 @@ class ResidentModels:
         dtype = next(model.parameters()).dtype
         self._store(self._key(path, dtype, str(next(model.parameters()).device)), model.eval(), extras)
 
+    def keep_open(self, key: tuple, opener: Callable[[], object]) -> object:
+        """The engine kept under `key`, opened by `opener()` on first use (this run's scope closes it)."""
+        with self._lock:
+            engine = self._open.get(key)
+        if engine is None:
+            engine = opener()
+            with self._lock:
+                self._open[key] = engine
+        return engine
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            engines, self._open = list(self._open.values()), {}
+        for engine in engines:
+            engine.close()
 
     def defer(self, work: Callable[[], None], name: str) -> None:
         """Run `work` on a background thread (joined by `wait`); run it now if this cache keeps nothing."""

@@ -3,6 +3,8 @@ KV cache, and the update scoring the student in its own forward pass."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import build_random_model, build_world, tiny_distill_config
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.cache_utils import DynamicLayer
 
 from flows.distill import distill
 from gopd_core.config import parse_config
-from gopd_core.models import ResidentModels, has_dropout, load_model, prepacked_linears, resident_models
+from gopd_core.models import (
+    ResidentModels,
+    has_dropout,
+    keep_models_loaded,
+    load_model,
+    prepacked_linears,
+    resident_models,
+)
 from gopd_core.pipeline import (
     Scorer,
     plan_scorers,
@@ -24,7 +43,8 @@ from gopd_core.pipeline import (
     student_scored_in_update,
 )
 from gopd_core.rollout import SamplingParams
-from gopd_core.rollout.hf import ReservedLayer
+from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cache
+from gopd_core.rollout.lean_decode import LeanDecoder
 from gopd_core.scoring import score_key, score_rollouts
 from gopd_core.training import ScoreSets, checkpoint_complete, update_policy
 from storage.layout import RunLayout
@@ -90,6 +110,75 @@ def test_reserved_layer_matches_the_dynamic_layer():
         if step == 2:  # three rows finish
             keep = torch.tensor([0, 2, 3, 5, 7])
             reserved.batch_select_indices(keep), dynamic.batch_select_indices(keep)
+
+
+SMALL = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+LEAN_ARCHITECTURES = {
+    "llama, biases everywhere": (LlamaForCausalLM, LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True,
+                                                                 tie_word_embeddings=False)),
+    "qwen2, q/k/v biases": (Qwen2ForCausalLM, Qwen2Config(**SMALL, tie_word_embeddings=True)),
+    "qwen3, per-head q/k norms": (Qwen3ForCausalLM, Qwen3Config(**SMALL, head_dim=16)),
+}
+
+
+def _prefilled(model, prompts: list[list[int]], new_tokens: int):
+    input_ids_BL, mask_BL, positions_BL = left_pad(prompts, pad_id=0)
+    out = model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL, use_cache=True,
+                logits_to_keep=1)
+    reserve_cache(out.past_key_values, new_tokens)
+    return out.past_key_values, out.logits[:, -1], mask_BL, positions_BL[:, -1] + 1
+
+
+@pytest.mark.parametrize("architecture", sorted(LEAN_ARCHITECTURES))
+def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture):
+    model_class, config = LEAN_ARCHITECTURES[architecture]
+    torch.manual_seed(3)
+    model = model_class(config).eval()
+    for parameter in model.parameters():  # random biases and norm weights, not zeros and ones
+        torch.nn.init.normal_(parameter, std=0.2)
+    assert LeanDecoder.supports(model)
+    prompts = [[5, 9, 11], [7, 3, 8, 20, 21, 2, 4], [12, 13, 14, 15, 16]]  # left padding of 4, 0 and 2
+    with torch.inference_mode():
+        decoder = LeanDecoder(model)
+        lean_cache, logits_BV, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=8)
+        plain_cache, *_ = _prefilled(model, prompts, new_tokens=8)
+        for step in range(6):
+            tokens_B = logits_BV.argmax(-1)
+            if step == 3:  # the middle row finishes: both caches drop it
+                keep = torch.tensor([0, 2])
+                tokens_B, mask_BL, positions_B = tokens_B[keep], mask_BL[keep], positions_B[keep]
+                lean_cache.batch_select_indices(keep), plain_cache.batch_select_indices(keep)
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones((mask_BL.shape[0], 1))], dim=-1)
+            plain_BV = model(input_ids=tokens_B[:, None], attention_mask=mask_BL, position_ids=positions_B[:, None],
+                             past_key_values=plain_cache, use_cache=True).logits[:, -1]
+            logits_BV = decoder.step(tokens_B, positions_B, mask_BL.bool(), lean_cache)
+            assert (logits_BV - plain_BV).abs().max().item() < 1e-5, f"step {step}"
+            positions_B = positions_B + 1
+        unpadded = decoder.step(tokens_B, positions_B, None, lean_cache)  # no padding: no mask at all
+    assert unpadded.shape == (2, config.vocab_size)
+
+
+def test_lean_decoder_leaves_other_models_to_transformers():
+    assert not LeanDecoder.supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)))
+    sliding = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8))
+    assert not LeanDecoder.supports(sliding)
+    assert not LeanDecoder.supports(Qwen2ForCausalLM(Qwen2Config(**SMALL)).to(torch.float64))
+    with pytest.raises(ValueError, match="does not cover"):
+        LeanDecoder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)))
+
+
+def test_rollouts_through_the_lean_decoder_match_the_transformers_decode(tmp_path):
+    engine = HFEngine(build_random_model(tmp_path / "m", hidden=64, seed=4), progress=False)
+    assert LeanDecoder.supports(engine.model)
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54, 55], [60, 61]]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, n=2, seed=0)
+    with torch.inference_mode():
+        plain = engine._generate_batch(prompts, sampling, torch.Generator().manual_seed(1), decoder=None)
+        lean = engine._generate_batch(prompts, sampling, torch.Generator().manual_seed(1),
+                                      decoder=LeanDecoder(engine.model))
+    assert [tokens for tokens, _ in lean] == [tokens for tokens, _ in plain]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(lean, plain) for a, b in zip(x, y)) < 1e-5
 
 
 def _tiny_run(world, run_id: str, **changes):
@@ -198,19 +287,22 @@ def test_each_run_scope_has_its_own_resident_models(tmp_path):
     assert resident_models().capacity == 0  # outside a run nothing is kept
 
 
-def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world):
+@pytest.mark.parametrize("lost", ["optimizer state", "whole checkpoint"])
+def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world, lost):
     base, models, data = world.base, world.models, world.data
     settings = {"update.minibatches": 1, "data.test": []}
     whole = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "deferred-whole", **settings))))
-    cut = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "deferred-cut", iterations=1,
-                                                            **settings))))
+    run_id = f"deferred-cut-{lost.split()[0]}"
+    cut = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, run_id, iterations=1, **settings))))
     first = cut.checkpoint_dir(0)
     assert checkpoint_complete(first)
-    # a kill while the optimizer state was still being written: weights renamed in, the rest missing
-    (first / "trainer_state.json").unlink()
-    (first / "optimizer.pt").unlink()
+    if lost == "optimizer state":  # a kill after the weights were renamed in, before the rest
+        (first / "trainer_state.json").unlink()
+        (first / "optimizer.pt").unlink()
+    else:  # the checkpoint directory deleted after its update was recorded
+        shutil.rmtree(first)
     assert cut.done_info(0, "update") is not None and not checkpoint_complete(first)
-    distill(config=tiny_distill_config(base, models, data, "deferred-cut", **settings))  # resumes
+    distill(config=tiny_distill_config(base, models, data, run_id, **settings))  # resumes
     for i in (0, 1):
         assert checkpoint_complete(cut.checkpoint_dir(i))
         redone, straight = (load_file(str(r.checkpoint_dir(i) / "model.safetensors")) for r in (cut, whole))
@@ -221,10 +313,6 @@ def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world)
 
 
 def test_deferred_writes_run_in_the_background_and_hand_back_their_errors(tmp_path):
-    import threading
-
-    from gopd_core.models import keep_models_loaded
-
     release, ran = threading.Event(), []
 
     def slow_write():
@@ -248,3 +336,4 @@ def test_deferred_writes_run_in_the_background_and_hand_back_their_errors(tmp_pa
     now = ResidentModels(capacity=0)  # a run that keeps nothing reads the state back: written at once
     with pytest.raises(OSError, match="disk full"):
         now.defer(failing_write, "failing")
+

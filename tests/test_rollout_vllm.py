@@ -10,19 +10,24 @@ import importlib.util
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_distill_config, write_task_data
 
+from flows.distill import distill
 from gopd_core.models import load_model, render_prompt
 from gopd_core.rollout import PromptTooLongError, SamplingParams, open_engine
-from gopd_core.rollout.vllm_engine import VLLMWorkerError, engine_dtype
+from gopd_core.rollout.vllm_engine import VLLMEngine, VLLMWorkerError, engine_dtype
 from gopd_core.scoring import response_logprobs
 from gopd_core.tokenizer import save_tokenizer
 from gopd_core.zoo import ModelShape, new_model
+from storage.layout import RunLayout
 from storage.parquet import write_shard
+from storage.readers import read_rollouts
 from storage.schemas import ROLLOUTS
 
 if importlib.util.find_spec("vllm") is None:  # checked without importing vllm into the test process
@@ -169,6 +174,21 @@ def test_load_weights_switches_the_checkpoint(engine, models, prompts, first_row
 def test_prompt_too_long_is_refused_before_sampling(engine, prompts):
     with pytest.raises(PromptTooLongError, match="max_new_tokens=250"):
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=250), "run-v", 0)
+
+
+def test_a_distill_run_keeps_one_vllm_engine_and_samples_each_new_checkpoint(models, tmp_path):
+    data = write_task_data(tmp_path / "data", n_train=6, n_test=2)
+    config = tiny_distill_config(tmp_path, {"student": models[0], "teacher_math": models[1], "teacher_code": models[1]},
+                                 data, "vllm-kept", backend="vllm")
+    starts, children = VLLMEngine.starts, {child.pid for child in multiprocessing.active_children()}
+    layout = RunLayout(Path(distill(config=config)))  # rollouts of 2 iterations and 2 evaluations, one engine
+    assert VLLMEngine.starts == starts + 1
+    assert {child.pid for child in multiprocessing.active_children()} <= children  # closed with the run
+    second = read_rollouts(layout, 1).to_pylist()
+    assert {r["checkpoint_id"].split("@")[0] for r in second} == {layout.checkpoint_dir(0).name}
+    error = max_logprob_error(load_model(layout.checkpoint_dir(0), dtype=torch.float32), second)
+    print(f"iteration 1 sampled by the reloaded engine: max log-prob error vs checkpoint 0 {error:.2e}")
+    assert error < 1e-3  # the kept engine sampled the updated weights, not the initial student's
 
 
 def test_a_worker_failure_comes_back_as_an_exception(models, tmp_path):

@@ -4,7 +4,8 @@ For each batch of prompts (sorted by length to limit padding):
 1. Render every prompt with the model's chat template and left-pad the batch; position ids count
    real tokens only, so a padded row sees the same positions as it would alone.
 2. Prefill the prompts once, then repeat the cache `n` times (one copy per sample).
-3. Decode token by token: the raw distribution log_softmax(logits) gives the recorded log-prob;
+3. Decode token by token (`lean_decode.LeanDecoder` where it covers the model, else the transformers
+   forward pass on prepacked weights): the raw distribution log_softmax(logits) gives the recorded log-prob;
    temperature and top-p only shape the sampling distribution (temperature 0 is greedy). Draws use
    one `torch.Generator` seeded from `SamplingParams.seed`, so the same seed gives the same rollouts.
 4. A row stops at EOS (kept in the response, finish_reason "stop") or after `max_new_tokens`
@@ -14,6 +15,8 @@ For each batch of prompts (sorted by length to limit padding):
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from gopd_core.rollout import (
     check_prompt_lengths,
     rollout_row,
 )
+from gopd_core.rollout.lean_decode import LeanDecoder
 
 __all__ = ["HFEngine", "PromptTooLongError"]
 
@@ -141,6 +145,17 @@ def reserve_cache(cache, new_tokens: int) -> None:
             cache.layers[index] = ReservedLayer(layer.keys, layer.values, layer.get_seq_length() + new_tokens)
 
 
+@contextmanager
+def decoding(model: torch.nn.Module) -> Iterator[LeanDecoder | None]:
+    """The decode path for `model` during one `generate`: a `LeanDecoder` where it covers the model,
+    else None, and the transformers forward pass runs on `prepacked_linears` (CPU float32) or as it is."""
+    if LeanDecoder.supports(model):
+        yield LeanDecoder(model)
+        return
+    with prepacked_linears(model):
+        yield None
+
+
 class HFEngine(EngineBase):
     """Batched KV-cache sampling with a local transformers causal LM (CPU or one GPU)."""
 
@@ -207,9 +222,9 @@ class HFEngine(EngineBase):
         batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         samples: dict[int, list[tuple[list[int], list[float]]]] = {}
-        with torch.inference_mode(), prepacked_linears(self.model):
+        with torch.inference_mode(), decoding(self.model) as decoder:
             for batch in tqdm(batches, desc=f"rollout {self.checkpoint_id}", disable=not show, unit="batch"):
-                outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, generator)
+                outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, generator, decoder)
                 for k, i in enumerate(batch):
                     samples[i] = outputs[k * sampling.n:(k + 1) * sampling.n]
         checkpoint = checkpoint_id or self.checkpoint_id
@@ -222,15 +237,21 @@ class HFEngine(EngineBase):
         check_prompt_lengths(prompts, prompt_ids, self.max_context, max_new_tokens)
 
     def _generate_batch(
-        self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator,
+        decoder: LeanDecoder | None = None,
     ) -> list[tuple[list[int], list[float]]]:
-        """Sample `n` responses per prompt; returns (token ids, raw log-probs) per row, prompt-major."""
+        """Sample `n` responses per prompt; returns (token ids, raw log-probs) per row, prompt-major.
+
+        The prompts are prefilled by the transformers model; decode steps run on `decoder` when given.
+        """
         eos_id = self.tokenizer.eos_token_id
         input_ids_BL, mask_BL, positions_BL = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
         out = self.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
                          use_cache=True, logits_to_keep=1)
         cache, logits_BV = out.past_key_values, out.logits[:, -1]
         reserve_cache(cache, sampling.max_new_tokens)
+        if decoder is not None and not all(isinstance(layer, ReservedLayer) for layer in cache.layers):
+            decoder = None
         if sampling.n > 1:  # one cache copy per sample, prompt-major
             cache.batch_repeat_interleave(sampling.n)
             logits_BV = logits_BV.repeat_interleave(sampling.n, dim=0)
@@ -255,9 +276,12 @@ class HFEngine(EngineBase):
                 new_B, next_position_B, mask_BL = new_B[keep_idx], next_position_B[keep_idx], mask_BL[keep_idx]
                 cache.batch_select_indices(keep_idx)
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones((mask_BL.shape[0], 1))], dim=-1)
-            out = self.model(input_ids=new_B[:, None], attention_mask=mask_BL, position_ids=next_position_B[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits_BV = out.past_key_values, out.logits[:, -1]
+            if decoder is not None:
+                logits_BV = decoder.step(new_B, next_position_B, None if bool(mask_BL.all()) else mask_BL.bool(), cache)
+            else:
+                out = self.model(input_ids=new_B[:, None], attention_mask=mask_BL,
+                                 position_ids=next_position_B[:, None], past_key_values=cache, use_cache=True)
+                cache, logits_BV = out.past_key_values, out.logits[:, -1]
             next_position_B = next_position_B + 1
         return list(zip(tokens, logprobs))
 

@@ -56,6 +56,7 @@ class VLLMEngine(EngineBase):
     """vLLM sampling in a spawned worker process; one engine per model architecture and tokenizer."""
 
     name = "vllm"
+    starts = 0  # engines this process has started, for tests and benchmarks
 
     def __init__(
         self,
@@ -100,6 +101,7 @@ class VLLMEngine(EngineBase):
         info = self._request("start", None, timeout_s=startup_timeout_s)
         self.max_context = int(info["max_model_len"])
         self.startup_s = time.perf_counter() - started
+        VLLMEngine.starts += 1
 
     def generate(
         self,

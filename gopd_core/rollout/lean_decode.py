@@ -1,0 +1,143 @@
+"""One decode step of a Llama-family model without the transformers module stack (CPU, float32).
+
+A decode step multiplies a few rows by every weight; on a CPU the matmuls are bound by reading the
+weights, and transformers' layer-by-layer Python (masks rebuilt each step, one call per projection,
+seven linears per layer) adds as much again. `LeanDecoder` runs the same arithmetic with less around it:
+1. At the start of a rollout, per layer, q/k/v are concatenated into one weight and gate/up into
+   another, and every weight is reordered once for oneDNN (`models.prepacked_linears` does the same
+   for the stock modules): four linears per layer instead of seven.
+2. Each step: embed the new tokens; rotary cos/sin from the model's own rotary module (so every
+   RoPE variant it implements applies); per layer, the model's own RMSNorm modules (and Qwen3's
+   per-head q/k norms), the fused projections, rotate-half RoPE, the new key/value written in place
+   into the rollout's `ReservedLayer`, SDPA over the cache with the left-padding mask, and the
+   SwiGLU MLP; then the final norm and the LM head.
+3. Models it does not cover decode through transformers as before (`LeanDecoder.supports`): other
+   architectures, sliding-window layers, non-SiLU MLPs, partial rotary, logit transforms, anything
+   off the CPU or not float32.
+Tests compare its logits with the transformers forward pass step by step (Llama, Qwen2, Qwen3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gopd_core.head_logprobs import logit_transform
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def _linear(inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, "none", [], "")
+
+
+def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """Concatenated biases of `linears` (zeros for one without), None when none has a bias."""
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+                      for linear in linears])
+
+
+def _rotate(states_BHLD: torch.Tensor, cos_B1LD: torch.Tensor, sin_B1LD: torch.Tensor) -> torch.Tensor:
+    half = states_BHLD.shape[-1] // 2
+    rotated_BHLD = torch.cat((-states_BHLD[..., half:], states_BHLD[..., :half]), dim=-1)
+    return states_BHLD * cos_B1LD + rotated_BHLD * sin_B1LD
+
+
+class _Layer:
+    """One decoder layer's packed weights and the modules it reuses as they are (norms)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.heads = attention.q_proj.out_features // self.head_dim
+        self.kv_heads = attention.k_proj.out_features // self.head_dim
+        self.qkv = _pack(torch.cat([linear.weight for linear in qkv]))
+        self.qkv_bias = _fused_bias(qkv)
+        self.out, self.out_bias = _pack(attention.o_proj.weight), _fused_bias([attention.o_proj])
+        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.gate_up_bias = _fused_bias([mlp.gate_proj, mlp.up_proj])
+        self.down, self.down_bias = _pack(mlp.down_proj.weight), _fused_bias([mlp.down_proj])
+
+    def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, sin_B11D: torch.Tensor,
+                 attend_B11L: torch.Tensor | None, cache_layer) -> torch.Tensor:
+        batch, dim = hidden_B1H.shape[0], self.head_dim
+        qkv_B1X = _linear(self.input_norm(hidden_B1H), self.qkv, self.qkv_bias)
+        q_B1X, k_B1X, v_B1X = qkv_B1X.split([self.heads * dim, self.kv_heads * dim, self.kv_heads * dim], dim=-1)
+        q_B1HD, k_B1KD = q_B1X.view(batch, 1, self.heads, dim), k_B1X.view(batch, 1, self.kv_heads, dim)
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
+            q_B1HD, k_B1KD = self.q_norm(q_B1HD), self.k_norm(k_B1KD)
+        q_BH1D = _rotate(q_B1HD.transpose(1, 2), cos_B11D, sin_B11D)
+        k_BK1D = _rotate(k_B1KD.transpose(1, 2), cos_B11D, sin_B11D)
+        keys_BKLD, values_BKLD = cache_layer.update(k_BK1D, v_B1X.view(batch, 1, self.kv_heads, dim).transpose(1, 2))
+        attended_BH1D = F.scaled_dot_product_attention(q_BH1D, keys_BKLD, values_BKLD, attn_mask=attend_B11L,
+                                                       scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        hidden_B1H = hidden_B1H + _linear(attended_BH1D.transpose(1, 2).reshape(batch, 1, -1), self.out, self.out_bias)
+        gate_B1I, up_B1I = _linear(self.post_norm(hidden_B1H), self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
+        return hidden_B1H + _linear(F.silu(gate_B1I) * up_B1I, self.down, self.down_bias)
+
+
+class LeanDecoder:
+    """Decode steps of a supported model (see `supports`) over a cache of `ReservedLayer`s."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not self.supports(model):
+            raise ValueError(f"LeanDecoder does not cover {type(model).__name__}: decode it with transformers")
+        body = model.model
+        self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
+        self.layers = [_Layer(layer) for layer in body.layers]
+        self.head, self.head_bias = _pack(model.lm_head.weight), _fused_bias([model.lm_head])
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        """Whether `model` is a float32 CPU Llama-family LM whose decode step this class reproduces."""
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "model_type", None) not in ARCHITECTURES:
+            return False
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return False
+        weight = model.get_input_embeddings().weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or logit_transform(model) is not None:
+            return False
+        sliding = getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if sliding or layer_types != {"full_attention"} or getattr(config, "hidden_act", None) != "silu":
+            return False
+        if getattr(config, "partial_rotary_factor", 1.0) != 1.0 or not isinstance(model.lm_head, torch.nn.Linear):
+            return False
+        return all(_standard_layer(layer) for layer in model.model.layers)
+
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_BL: torch.Tensor | None,
+             cache) -> torch.Tensor:
+        """Logits (B, V) of the next token after `tokens_B` at `positions_B`, appending to `cache`.
+
+        attend_BL: True where a row may attend (its real tokens, this one included), None if all may.
+        """
+        hidden_B1H = self.embed(tokens_B[:, None])
+        cos_B1D, sin_B1D = self.rotary(hidden_B1H, positions_B[:, None])
+        cos_B11D, sin_B11D = cos_B1D[:, None], sin_B1D[:, None]
+        attend_B11L = None if attend_BL is None else attend_BL[:, None, None, :]
+        for layer, cache_layer in zip(self.layers, cache.layers):
+            hidden_B1H = layer(hidden_B1H, cos_B11D, sin_B11D, attend_B11L, cache_layer)
+        return _linear(self.norm(hidden_B1H), self.head, self.head_bias)[:, -1]
+
+
+def _standard_layer(layer: torch.nn.Module) -> bool:
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    if attention is None or mlp is None or not all(type(getattr(attention, n, None)) is torch.nn.Linear for n in names):
+        return False
+    if not all(type(getattr(mlp, n, None)) is torch.nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
+    activation = type(getattr(mlp, "act_fn", None)).__name__
+    return (all(type(n).__name__.endswith("RMSNorm") for n in norms) and activation in ("SiLU", "SiLUActivation")
+            and isinstance(getattr(attention, "scaling", None), float))
