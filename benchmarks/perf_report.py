@@ -302,6 +302,11 @@ OPTIMISATIONS = [
     "new checkpoint into the run's engine instead of starting vLLM again (see Rollout for the flow "
     "measurement); a test checks that a 2-iteration run starts one engine and that iteration 1 samples "
     "checkpoint 0's weights.",
+    "15. The update waits for the previous checkpoint's deferred AdamW-state write only right before its "
+    "AdamW step, which changes that state in place (it used to wait at its start), so its forward and "
+    "backward passes overlap the write; a test checks the order (forward, write done, step). 151,936-token "
+    "variant of the TRL-comparison step, cProfile over 3 steps: waiting 1.84 s -> 0.16 s per update, the "
+    "update stage 7.56 s -> 6.49 s (the write still shares the 2 cores with the passes).",
 ]
 
 

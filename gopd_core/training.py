@@ -272,9 +272,10 @@ def update_policy(
     if not rows.input_ids:
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
     torch.manual_seed(seed + iteration)
-    resident_models().wait()  # the previous update's optimizer state is on disk and no longer being read
     model, resident = resident_models().take(model_path, dtype=torch.float32, device=device)  # trained in place
     model.train()
+    if "optimizer" not in resident:
+        resident_models().wait()  # the previous update's deferred optimizer state is read back from disk
     optimizer, global_step = _make_optimizer(model, Path(model_path), optimizer_settings, resident)
     order = np.random.default_rng(seed + iteration).permutation(len(rows.input_ids)).tolist()
     minibatch_list = [order[i::minibatches] for i in range(minibatches) if order[i::minibatches]]
@@ -289,6 +290,9 @@ def update_policy(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optimizer_settings.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at iteration {iteration} step {step}")
+        # the previous update's deferred write may still be reading the AdamW state this step changes in
+        # place: wait only now, so this update's forward and backward passes overlap that write
+        resident_models().wait()
         optimizer.step()
         global_step += 1
         step_rows.append({

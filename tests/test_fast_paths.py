@@ -223,6 +223,37 @@ def test_update_scores_the_student_in_its_forward_pass_like_a_scoring_pass(world
     assert fused_steps[0]["advantage_mean"] == pytest.approx(separate_steps[0]["advantage_mean"], abs=1e-5)
 
 
+def test_the_update_overlaps_the_previous_deferred_write_and_steps_adamw_after_it(world):
+    config, layout = _tiny_run(world, "overlap")
+    student, events = Path(config.models.student), []
+    teachers_of = [s for s in plan_scorers(config, student, ["code", "math"]) if s.role == "teacher"]
+    kwargs = {"reward_scale": 1.0, "micro_token_budget": 64, "score_chunk_rows": 4, "progress": False}
+    with keep_models_loaded(4) as cache:  # room for the two teachers and the student
+        written = score_stage(layout, 0, teachers_of, student_tokenizer=student, chunk_rows=4)
+        teachers = {key.split(":")[1]: ("teacher", digest) for key, digest in written.items()}
+        first, _ = update_policy(layout, 0, student, ScoreSets(None, teachers), **kwargs)
+        rollout_stage(layout, 1, first, prompts_per_iteration=6,
+                      sampling=SamplingParams(temperature=1.0, max_new_tokens=10, n=2), seed=0)
+        written = score_stage(layout, 1, teachers_of, student_tokenizer=student, chunk_rows=4)
+        cache.wait()
+        model, extras = cache.take(first)
+        model.get_input_embeddings().register_forward_hook(
+            lambda *_: events.append("forward") if "forward" not in events else None)
+        extras["optimizer"].register_step_pre_hook(lambda *_: events.append("adamw step"))
+        cache.put(first, model, **extras)
+        release = threading.Event()
+
+        def slow_write():  # stands for the previous checkpoint's deferred optimizer-state write
+            release.wait(10)
+            events.append("deferred write done")
+
+        cache.defer(slow_write, "slow")
+        threading.Timer(1.0, release.set).start()
+        teachers = {key.split(":")[1]: ("teacher", digest) for key, digest in written.items()}
+        update_policy(layout, 1, first, ScoreSets(None, teachers), **kwargs)
+    assert events == ["forward", "deferred write done", "adamw step"]
+
+
 def test_update_refuses_to_score_the_student_with_several_minibatches(world):
     config, layout = _tiny_run(world, "fused-minibatches")
     with pytest.raises(ValueError, match="only with one minibatch"):
