@@ -222,8 +222,8 @@ def _rollout_decision(results: dict) -> list[str]:
         if single:
             lines.append(f"- {name}: hf at batch 1 spends {1000 / single['tokens_per_s']:.0f} ms per generated "
                          "token: one decode step reads every weight for one row, so small batches are bound by "
-                         "weight reads, which is what the oneDNN-prepacked decode weights address (see What was "
-                         "optimised).")
+                         "weight reads, which is what the fused oneDNN-prepacked decode steps address (see What "
+                         "was optimised, 7 and 13).")
     lines.append(_default_backend(results, wins))
     lines.append(
         "- Found while measuring: vLLM's own `dtype=\"auto\"` runs a float32 checkpoint in 16 bits, emulated on "
@@ -474,7 +474,7 @@ def _why(target: str, results: dict) -> str:
             return split + (
                 "With the zoo's 259-token vocabulary TRL's full-vocabulary loss costs no more than gopd's "
                 "sampled-token one, so the only work gopd can skip is in sampling (finished rows leave the batch, "
-                "no KV-cache copies, prepacked decode weights); the teacher forward and the student forward and "
+                "no KV-cache copies, fused prepacked decode steps in `rollout.lean_decode`); the teacher forward and the student forward and "
                 "backward are the same passes on the same tokens in both tools, and gopd runs them at the "
                 "machine's matmul rate (sections 2 and 4). A 2x step would need TRL to spend twice the machine's "
                 "time on those passes, which it does not here.")
