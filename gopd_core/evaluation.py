@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 from math import comb
-from pathlib import Path
 
-from gopd_core.rollout import SamplingParams, open_engine
+from gopd_core.rollout import SamplingParams
 from gopd_core.tasks import verify_batch
 
 log = logging.getLogger(__name__)
@@ -47,24 +46,18 @@ def summarize(rollouts: list[dict], rewards: list[float], n_samples: int, k: int
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, benchmarks: dict[str, list[dict]], *, run_id: str, iteration: int | None,
-    checkpoint_id: str, n_samples: int = 4, k: int = 4, temperature: float = 0.7, max_new_tokens: int = 48,
-    backend: str = "hf", seed: int = 0, device: str = "cpu", engine=None,
+    engine, benchmarks: dict[str, list[dict]], *, run_id: str, iteration: int | None, checkpoint_id: str,
+    n_samples: int = 4, k: int = 4, temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0,
 ) -> list[dict]:
-    """Rows of the `evals` schema: avg@n and pass@k of `checkpoint` on each benchmark (name -> prompt rows)."""
+    """Rows of the `evals` schema: avg@n and pass@k of the checkpoint `engine` samples from (its caller
+    opens and closes it) on each benchmark (name -> prompt rows)."""
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=n_samples, seed=seed)
-    own_engine = engine is None
-    engine = engine or open_engine(backend, checkpoint, **({"device": device} if backend == "hf" else {}))
     rows = []
-    try:
-        for benchmark, prompts in benchmarks.items():
-            rollouts = engine.generate(prompts, sampling, run_id=run_id, iteration=iteration or 0)
-            rewards = score_samples(rollouts, {p["prompt_id"]: p for p in prompts})
-            for metric, value in summarize(rollouts, rewards, n_samples, k).items():
-                rows.append({"run_id": run_id, "iteration": iteration, "checkpoint_id": checkpoint_id,
-                             "benchmark": benchmark, "metric": metric, "value": value, "n_samples": n_samples})
-                log.info("eval %s %s %s = %.3f", checkpoint_id, benchmark, metric, value)
-    finally:
-        if own_engine:
-            engine.close()
+    for benchmark, prompts in benchmarks.items():
+        rollouts = engine.generate(prompts, sampling, run_id=run_id, iteration=iteration or 0)
+        rewards = score_samples(rollouts, {p["prompt_id"]: p for p in prompts})
+        for metric, value in summarize(rollouts, rewards, n_samples, k).items():
+            rows.append({"run_id": run_id, "iteration": iteration, "checkpoint_id": checkpoint_id,
+                         "benchmark": benchmark, "metric": metric, "value": value, "n_samples": n_samples})
+            log.info("eval %s %s %s = %.3f", checkpoint_id, benchmark, metric, value)
     return rows

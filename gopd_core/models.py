@@ -281,14 +281,11 @@ def prepacked_linears(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     other dtypes) the model runs as it is; nothing outlives the block.
     """
     patched = []
-    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-                bias = module.bias.detach() if module.bias is not None else None
-                module.forward = functools.partial(_packed_linear, packed, bias)  # shadows the class's forward
-                patched.append(module)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and onednn_packable(module.weight):
+            bias = module.bias.detach() if module.bias is not None else None
+            module.forward = functools.partial(packed_linear, pack_linear_weight(module.weight), bias)  # shadows the class's
+            patched.append(module)
     try:
         yield model
     finally:
@@ -296,7 +293,19 @@ def prepacked_linears(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             del module.forward
 
 
-def _packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
+def onednn_packable(weight: torch.Tensor) -> bool:
+    """Whether a linear weight can run on oneDNN's prepacked kernel: float32 on a CPU with oneDNN enabled."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and weight.device.type == "cpu" and weight.dtype == torch.float32)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A (out, in) weight reordered once for `packed_linear` (costs about 0.3 s per 100M parameters)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def packed_linear(packed_weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
+    """inputs @ weight.T + bias on a weight from `pack_linear_weight` (no backward)."""
     return torch.ops.mkldnn._linear_pointwise(inputs.contiguous(), packed_weight, bias, "none", [], "")
 
 

@@ -128,14 +128,17 @@ def rollout_engine(backend: str, model_path: Path, device: str = "cpu", keep_eng
     engine is always opened per stage: it samples from the run's resident model, so it costs nothing.
     """
     cache = resident_models()
+
+    def opened():
+        return open_engine(backend, model_path, **_engine_options(backend, device))
+
     if backend == "hf" or not keep_engine or cache.capacity <= 0:
-        with open_engine(backend, model_path, **_engine_options(backend, device)) as engine:
+        with opened() as engine:
             yield engine
         return
     architecture = {k: v for k, v in json.loads((Path(model_path) / "config.json").read_text()).items()
                     if k not in ("_name_or_path", "transformers_version")}
-    engine = cache.keep_open(("engine", backend, device, json.dumps(architecture, sort_keys=True)),
-                             lambda: open_engine(backend, model_path, **_engine_options(backend, device)))
+    engine = cache.keep_open(("engine", backend, device, json.dumps(architecture, sort_keys=True)), opened)
     if Path(engine.model_path).resolve() != Path(model_path).resolve():
         engine.load_weights(model_path)
     yield engine
@@ -296,9 +299,8 @@ def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, *
     cid = checkpoint_id(checkpoint)
     with rollout_engine(backend, checkpoint, device, keep_engine) as engine:
         rows = evaluate_checkpoint(
-            checkpoint, benchmarks, run_id=layout.run_id, iteration=iteration, checkpoint_id=cid,
-            n_samples=n_samples, k=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-            engine=engine)
+            engine, benchmarks, run_id=layout.run_id, iteration=iteration, checkpoint_id=cid,
+            n_samples=n_samples, k=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     return write_shard(rows, layout.evals_path(cid), EVALS)
 
 

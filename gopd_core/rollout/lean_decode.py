@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from gopd_core.head_logprobs import logit_transform
+from gopd_core.models import onednn_packable, pack_linear_weight, packed_linear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-
-
-def _linear(inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, "none", [], "")
 
 
 def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
@@ -60,17 +53,17 @@ class _Layer:
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
-        self.qkv = _pack(torch.cat([linear.weight for linear in qkv]))
+        self.qkv = pack_linear_weight(torch.cat([linear.weight for linear in qkv]))
         self.qkv_bias = _fused_bias(qkv)
-        self.out, self.out_bias = _pack(attention.o_proj.weight), _fused_bias([attention.o_proj])
-        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.out, self.out_bias = pack_linear_weight(attention.o_proj.weight), _fused_bias([attention.o_proj])
+        self.gate_up = pack_linear_weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.gate_up_bias = _fused_bias([mlp.gate_proj, mlp.up_proj])
-        self.down, self.down_bias = _pack(mlp.down_proj.weight), _fused_bias([mlp.down_proj])
+        self.down, self.down_bias = pack_linear_weight(mlp.down_proj.weight), _fused_bias([mlp.down_proj])
 
     def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, sin_B11D: torch.Tensor,
                  attend_B11L: torch.Tensor | None, cache_layer) -> torch.Tensor:
         batch, dim = hidden_B1H.shape[0], self.head_dim
-        qkv_B1X = _linear(self.input_norm(hidden_B1H), self.qkv, self.qkv_bias)
+        qkv_B1X = packed_linear(self.qkv, self.qkv_bias, self.input_norm(hidden_B1H))
         q_B1X, k_B1X, v_B1X = qkv_B1X.split([self.heads * dim, self.kv_heads * dim, self.kv_heads * dim], dim=-1)
         q_B1HD, k_B1KD = q_B1X.view(batch, 1, self.heads, dim), k_B1X.view(batch, 1, self.kv_heads, dim)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
@@ -80,9 +73,9 @@ class _Layer:
         keys_BKLD, values_BKLD = cache_layer.update(k_BK1D, v_B1X.view(batch, 1, self.kv_heads, dim).transpose(1, 2))
         attended_BH1D = F.scaled_dot_product_attention(q_BH1D, keys_BKLD, values_BKLD, attn_mask=attend_B11L,
                                                        scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
-        hidden_B1H = hidden_B1H + _linear(attended_BH1D.transpose(1, 2).reshape(batch, 1, -1), self.out, self.out_bias)
-        gate_B1I, up_B1I = _linear(self.post_norm(hidden_B1H), self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
-        return hidden_B1H + _linear(F.silu(gate_B1I) * up_B1I, self.down, self.down_bias)
+        hidden_B1H = hidden_B1H + packed_linear(self.out, self.out_bias, attended_BH1D.transpose(1, 2).reshape(batch, 1, -1))
+        gate_B1I, up_B1I = packed_linear(self.gate_up, self.gate_up_bias, self.post_norm(hidden_B1H)).chunk(2, dim=-1)
+        return hidden_B1H + packed_linear(self.down, self.down_bias, F.silu(gate_B1I) * up_B1I)
 
 
 class LeanDecoder:
@@ -94,7 +87,7 @@ class LeanDecoder:
         body = model.model
         self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
         self.layers = [_Layer(layer) for layer in body.layers]
-        self.head, self.head_bias = _pack(model.lm_head.weight), _fused_bias([model.lm_head])
+        self.head, self.head_bias = pack_linear_weight(model.lm_head.weight), _fused_bias([model.lm_head])
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -102,10 +95,7 @@ class LeanDecoder:
         config = getattr(model, "config", None)
         if config is None or getattr(config, "model_type", None) not in ARCHITECTURES:
             return False
-        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-            return False
-        weight = model.get_input_embeddings().weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or logit_transform(model) is not None:
+        if not onednn_packable(model.get_input_embeddings().weight) or logit_transform(config) is not None:
             return False
         sliding = getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -127,7 +117,7 @@ class LeanDecoder:
         attend_B11L = None if attend_BL is None else attend_BL[:, None, None, :]
         for layer, cache_layer in zip(self.layers, cache.layers):
             hidden_B1H = layer(hidden_B1H, cos_B11D, sin_B11D, attend_B11L, cache_layer)
-        return _linear(self.norm(hidden_B1H), self.head, self.head_bias)[:, -1]
+        return packed_linear(self.head, self.head_bias, self.norm(hidden_B1H))[:, -1]
 
 
 def _standard_layer(layer: torch.nn.Module) -> bool:
