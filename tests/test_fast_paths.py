@@ -45,6 +45,7 @@ from gopd_core.pipeline import (
 from gopd_core.rollout import SamplingParams
 from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cache
 from gopd_core.rollout.lean_decode import LeanDecoder
+from gopd_core.rollout.sampling import TokenSampler
 from gopd_core.scoring import score_key, score_rollouts
 from gopd_core.training import ScoreSets, checkpoint_complete, update_policy
 from storage.layout import RunLayout
@@ -174,8 +175,9 @@ def test_rollouts_through_the_lean_decoder_match_the_transformers_decode(tmp_pat
     prompts = [[40, 41, 42], [50, 51, 52, 53, 54, 55], [60, 61]]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, n=2, seed=0)
     with torch.inference_mode():
-        plain = engine._generate_batch(prompts, sampling, torch.Generator().manual_seed(1), decoder=None)
-        lean = engine._generate_batch(prompts, sampling, torch.Generator().manual_seed(1),
+        plain = engine._generate_batch(prompts, sampling, TokenSampler(1.0, 1.0, torch.Generator().manual_seed(1)),
+                                       decoder=None)
+        lean = engine._generate_batch(prompts, sampling, TokenSampler(1.0, 1.0, torch.Generator().manual_seed(1)),
                                       decoder=LeanDecoder(engine.model))
     assert [tokens for tokens, _ in lean] == [tokens for tokens, _ in plain]
     assert max(abs(a - b) for (_, x), (_, y) in zip(lean, plain) for a, b in zip(x, y)) < 1e-5

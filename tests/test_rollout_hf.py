@@ -7,7 +7,7 @@ import torch
 
 from gopd_core.models import load_model
 from gopd_core.rollout import SamplingParams, open_engine
-from gopd_core.rollout.hf import HFEngine, PromptTooLongError, draw_tokens, top_p_filter
+from gopd_core.rollout.hf import HFEngine, PromptTooLongError
 from gopd_core.tasks import make_split
 from gopd_core.tokenizer import save_tokenizer
 from gopd_core.zoo import ModelShape, new_model
@@ -105,12 +105,6 @@ def test_tiny_top_p_is_greedy(engine, prompts):
     assert [r["response_token_ids"] for r in greedy] == [r["response_token_ids"] for r in nucleus]
 
 
-def test_top_p_filter_by_hand():
-    # sorted probs 0.5, 0.3, 0.2: mass before each is 0, 0.5, 0.8; top_p 0.7 keeps the first two
-    probs_BV = torch.tensor([[0.2, 0.5, 0.3]])
-    torch.testing.assert_close(top_p_filter(probs_BV, 0.7), torch.tensor([[0.0, 0.5, 0.3]]))
-
-
 def test_prompt_longer_than_the_context_is_refused(engine):
     long_prompt = {"prompt_id": "too-long-1", "domain": "math", "messages": [{"role": "user", "content": "9" * 120}]}
     with pytest.raises(PromptTooLongError, match="too-long-1"):
@@ -131,18 +125,3 @@ def test_load_weights_switches_checkpoint(model_dir, tmp_path):
         after = hf_engine.generate(prompt, greedy, "run", 0)[0]
     assert after["checkpoint_id"] == "other-ckpt"
     assert before["rollout_logprobs"] != after["rollout_logprobs"]
-
-
-def test_draw_tokens_follows_the_distribution_and_never_draws_a_cut_token():
-    probs_V = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
-    generator = torch.Generator().manual_seed(0)
-    draws = torch.cat([draw_tokens(probs_V.expand(500, -1), generator) for _ in range(40)])  # 20,000 draws
-    counts = torch.bincount(draws, minlength=7).double()
-    assert counts[probs_V == 0].sum() == 0
-    # each frequency within 4 standard deviations of its probability (binomial, n = 20,000)
-    expected, spread = probs_V.double() * 20_000, (probs_V.double() * (1 - probs_V.double()) * 20_000).sqrt()
-    assert ((counts - expected).abs() <= 4 * spread + 1e-9).all(), counts
-    unnormalised = draw_tokens(torch.tensor([[0.0, 2.0, 0.0, 6.0]]).expand(4000, -1), generator)
-    assert set(unnormalised.tolist()) == {1, 3} and 0.72 < (unnormalised == 3).double().mean() < 0.78
-    again = torch.Generator().manual_seed(0)
-    assert torch.equal(draw_tokens(probs_V.expand(500, -1), again), draws[:500])  # same seed, same tokens

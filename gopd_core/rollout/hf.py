@@ -5,9 +5,10 @@ For each batch of prompts (sorted by length to limit padding):
    real tokens only, so a padded row sees the same positions as it would alone.
 2. Prefill the prompts once, then repeat the cache `n` times (one copy per sample).
 3. Decode token by token (`lean_decode.LeanDecoder` where it covers the model, else the transformers
-   forward pass on prepacked weights): the raw distribution log_softmax(logits) gives the recorded log-prob;
-   temperature and top-p only shape the sampling distribution (temperature 0 is greedy). Draws use
-   one `torch.Generator` seeded from `SamplingParams.seed`, so the same seed gives the same rollouts.
+   forward pass on prepacked weights) and draw with `sampling.TokenSampler`: the raw distribution
+   gives the recorded log-prob; temperature and top-p only shape the sampling distribution
+   (temperature 0 is greedy). Draws use one `torch.Generator` seeded from `SamplingParams.seed`, so
+   the same seed gives the same rollouts.
 4. A row stops at EOS (kept in the response, finish_reason "stop") or after `max_new_tokens`
    ("length"); finished rows leave the batch and the cache.
 """
@@ -32,50 +33,9 @@ from gopd_core.rollout import (
     rollout_row,
 )
 from gopd_core.rollout.lean_decode import LeanDecoder
+from gopd_core.rollout.sampling import TokenSampler
 
 __all__ = ["HFEngine", "PromptTooLongError"]
-
-
-def sample_next_tokens(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. Returns (tokens_B, raw log-probs of those tokens_B, fp32).
-
-    The log-prob is under the raw model distribution, before temperature and top-p.
-    """
-    logits_BV = logits_BV.float()
-    raw_logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
-    if temperature == 0:
-        tokens_B = logits_BV.argmax(dim=-1)
-    else:
-        probs_BV = torch.softmax(logits_BV if temperature == 1 else logits_BV / temperature, dim=-1)
-        if top_p < 1.0:
-            probs_BV = top_p_filter(probs_BV, top_p)
-        tokens_B = draw_tokens(probs_BV, generator)
-    return tokens_B, raw_logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
-
-
-def draw_tokens(probs_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row with probability proportional to `probs_BV`: inverse CDF on one uniform per row.
-
-    torch.multinomial draws an exponential per vocabulary entry from the serial CPU generator: at 8
-    rows x 151,936 that was 31 ms per decode step, a third of a 25M-body student's decoding. The
-    cumulative sum runs in float64 so that no token's interval is lost to rounding; zero-probability
-    tokens (cut by top-p) have empty intervals and are never drawn. The uniforms come from the CPU
-    generator wherever the model runs: same seed, same tokens.
-    """
-    cdf_BV = probs_BV.double().cumsum(dim=-1)
-    uniform_B1 = torch.rand((probs_BV.shape[0], 1), generator=generator, dtype=torch.float64).to(probs_BV.device)
-    tokens_B1 = torch.searchsorted(cdf_BV, uniform_B1 * cdf_BV[:, -1:], right=True)
-    return tokens_B1.clamp_(max=probs_BV.shape[-1] - 1).squeeze(-1)
-
-
-def top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero all tokens outside the smallest set whose probability reaches `top_p` (top-1 always kept)."""
-    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-    mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
-    sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
-    return torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +176,8 @@ class HFEngine(EngineBase):
         """Rows of the ROLLOUTS schema, `sampling.n` per prompt, ordered by (prompt, sample_index)."""
         prompt_ids = [render_prompt(self.tokenizer, row["messages"]) for row in prompts]
         self._check_lengths(prompts, prompt_ids, sampling.max_new_tokens)
-        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        sampler = TokenSampler(sampling.temperature, sampling.top_p,
+                               torch.Generator(device="cpu").manual_seed(sampling.seed))
         order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
         per_batch = max(1, self.batch_size // sampling.n)
         batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
@@ -224,7 +185,7 @@ class HFEngine(EngineBase):
         samples: dict[int, list[tuple[list[int], list[float]]]] = {}
         with torch.inference_mode(), decoding(self.model) as decoder:
             for batch in tqdm(batches, desc=f"rollout {self.checkpoint_id}", disable=not show, unit="batch"):
-                outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, generator, decoder)
+                outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, sampler, decoder)
                 for k, i in enumerate(batch):
                     samples[i] = outputs[k * sampling.n:(k + 1) * sampling.n]
         checkpoint = checkpoint_id or self.checkpoint_id
@@ -237,7 +198,7 @@ class HFEngine(EngineBase):
         check_prompt_lengths(prompts, prompt_ids, self.max_context, max_new_tokens)
 
     def _generate_batch(
-        self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator,
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, sampler: TokenSampler,
         decoder: LeanDecoder | None = None,
     ) -> list[tuple[list[int], list[float]]]:
         """Sample `n` responses per prompt; returns (token ids, raw log-probs) per row, prompt-major.
@@ -263,7 +224,7 @@ class HFEngine(EngineBase):
         live_B = torch.arange(rows)  # original row index of each live batch row
         next_position_B = positions_BL[:, -1] + 1
         for step in range(sampling.max_new_tokens):
-            new_B, new_logprob_B = sample_next_tokens(logits_BV, sampling.temperature, sampling.top_p, generator)
+            new_B, new_logprob_B = sampler(logits_BV)
             for row, token, logprob in zip(live_B.tolist(), new_B.tolist(), new_logprob_B.tolist()):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
