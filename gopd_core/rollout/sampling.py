@@ -70,6 +70,8 @@ def block_sums(weights_BV: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     next to a large one's.
     """
     rows, vocab = weights_BV.shape
+    if vocab <= block:
+        return weights_BV.sum(dim=-1, keepdim=True).double()
     full = vocab // block
     parts = [weights_BV[:, :full * block].reshape(rows, full, block).sum(dim=-1)]
     if full * block < vocab:
@@ -87,8 +89,12 @@ def draw_tokens(weights_BV: torch.Tensor, generator: torch.Generator, sums_BN: t
     `block_sums(weights_BV, block)` when the caller has them already.
     """
     rows, vocab = weights_BV.shape
-    cdf_BN = (block_sums(weights_BV, block) if sums_BN is None else sums_BN).cumsum(dim=-1)
     uniform_B1 = torch.rand((rows, 1), generator=generator, dtype=torch.float64).to(weights_BV.device)
+    if vocab <= block:  # one block: a single cumulative sum is all it takes
+        cdf_BV = weights_BV.double().cumsum(dim=-1)
+        tokens_B1 = torch.searchsorted(cdf_BV, uniform_B1 * cdf_BV[:, -1:], right=True)
+        return torch.minimum(tokens_B1, last_positive(cdf_BV)).squeeze(-1)
+    cdf_BN = (block_sums(weights_BV, block) if sums_BN is None else sums_BN).cumsum(dim=-1)
     target_B1 = uniform_B1 * cdf_BN[:, -1:]
     block_B1 = torch.minimum(torch.searchsorted(cdf_BN, target_B1, right=True), last_positive(cdf_BN))
     mass_before_B1 = torch.where(block_B1 > 0, cdf_BN.gather(-1, (block_B1 - 1).clamp(min=0)), 0.0)
