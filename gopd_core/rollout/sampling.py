@@ -47,11 +47,10 @@ class TokenSampler:
         else:
             if self.temperature != 1:
                 torch.sub(logits_BV, max_B1, out=weights_BV).div_(self.temperature).exp_()
-                sums_BN = block_sums(weights_BV)
             if self.top_p < 1.0:
                 weights_BV = top_p_filter(weights_BV / weights_BV.sum(dim=-1, keepdim=True), self.top_p)
-                sums_BN = block_sums(weights_BV)
-            tokens_B = draw_tokens(weights_BV, self.generator, sums_BN)
+            unchanged = self.temperature == 1 and self.top_p >= 1.0  # the raw weights: their sums are known
+            tokens_B = draw_tokens(weights_BV, self.generator, sums_BN if unchanged else None)
         chosen_B1 = logits_BV.gather(-1, tokens_B[:, None]) - max_B1
         return tokens_B, (chosen_B1.double() - log_total_B1).float().squeeze(-1)
 
