@@ -21,6 +21,7 @@ stage's wall seconds for the breakdown.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gopd_core.allocator import loaded_allocator
 from gopd_core.config import parse_config
 from gopd_core.pipeline import (
     keep_models_loaded,
@@ -105,6 +107,7 @@ def main(settings: dict) -> dict:
         "stages_s": measured, "warmup_stages_s": warmup,
         "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "responses": len(lengths),
         "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
+        "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
 
 

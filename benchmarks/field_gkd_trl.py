@@ -39,6 +39,8 @@ import trl  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
+from gopd_core.allocator import loaded_allocator  # noqa: E402  (a pure module: reads /proc/self/maps)
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -116,6 +118,7 @@ def main(settings: dict) -> dict:
                           else trainer.optimizer).__name__,
         "optim": str(getattr(args.optim, "value", args.optim)),  # transformers' default: adamw_torch_fused
         "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
+        "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
 
 

@@ -30,6 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gopd_core  # noqa: E402, F401  (before torch loads: gopd's OpenMP default, see gopd_core/__init__.py)
+from gopd_core.allocator import reexec_with_preferred_allocator  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_with_preferred_allocator()  # measure on the malloc the `gopd` command runs on (before torch loads)
 
 # isort: split
 import torch  # noqa: E402

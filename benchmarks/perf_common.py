@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from gopd_core.allocator import loaded_allocator
+
 REPO = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO / "benchmarks" / ".cache" / "zoo-perf"
 STUDENT, TEACHER = "student-base", "teacher-math"
@@ -51,6 +53,7 @@ def machine() -> dict:
         "native_bf16": any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")),
         "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
 
 

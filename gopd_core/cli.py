@@ -1,9 +1,10 @@
-"""The `gopd` command line: run, rescore, eval, sql, report, doctor, zoo."""
+"""The `gopd` command line: run, rescore, eval, sql, report, doctor, allocator, zoo."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import typer
@@ -216,9 +217,30 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def allocator(
+    shell: bool = typer.Option(False, "--shell", help="Print `export` lines for processes started outside gopd."),
+) -> None:
+    """Which malloc this process runs on, and how other processes (a Prefect worker) get the same one."""
+    from gopd_core.allocator import ALLOCATOR_VARIABLE, loaded_allocator, preload_environment
+
+    variables = preload_environment()
+    if shell:
+        for name, value in variables.items():
+            print(f"export {name}={shlex.quote(value)}")
+        return
+    console.print(f"loaded: {loaded_allocator()}")
+    console.print(f"{ALLOCATOR_VARIABLE}={os.environ.get(ALLOCATOR_VARIABLE, 'auto')}")
+    for name, value in variables.items() or [("preload", "none (the system allocator)")]:
+        console.print(f"{name}={value}", markup=False, highlight=False)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from gopd_core.allocator import reexec_with_preferred_allocator
+
+        reexec_with_preferred_allocator()  # before torch loads: the allocator is picked at process start
         app()
     except (UserError, ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as err:
         # Our errors say what, where and how to fix: one line, no traceback (GOPD_DEBUG=1 shows it).
@@ -227,3 +249,7 @@ def main() -> None:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         console.print(f"[red]error ({type(err).__name__}):[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
