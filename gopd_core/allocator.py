@@ -4,12 +4,14 @@ Why: every large tensor torch frees goes back to glibc, which returns blocks ove
 to the kernel; the next step's tensor of the same size is a fresh mapping whose pages fault in again
 on first touch. At a 151,936-token vocabulary one TRL-comparison step (`benchmarks/field_gkd.py`)
 took ~430,000 minor page faults (rollout ~78,000, scoring 76,000, update ~280,000: gradients and the
-head's (N, V) buffer); under jemalloc, which keeps freed pages mapped, under 2,100.
+head's (N, V) buffer); under jemalloc, which keeps freed pages mapped, a few thousand
+(`benchmarks/results/allocator.md`).
 
 How: the allocator is chosen when a process starts (`LD_PRELOAD`), not by an import, so the `gopd`
-command re-executes itself once with the variable set (`reexec_with_preferred_allocator`, before it
-imports torch). Processes started another way (a Prefect worker, a benchmark, a notebook) take the
-variables from `preload_environment()`, or in a shell from `gopd allocator --shell`.
+program (`cli.program`; in-process callers use `cli.main`) re-executes itself once with the variable
+set (`reexec_with_preferred_allocator`, before it imports torch). Processes started another way (a
+Prefect worker, a benchmark, a notebook) take the variables from `preload_environment()`, or in a
+shell from `gopd allocator --shell`.
 
 `GOPD_ALLOCATOR` picks: `auto` (default: jemalloc if found, else the system's), `system` (never
 preload), `jemalloc` (required: an error if it is missing), or the path of a malloc library to preload.

@@ -236,11 +236,9 @@ def allocator(
 
 
 def main() -> None:
+    """Run the command line in this process (what in-process callers and tests use)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from gopd_core.allocator import reexec_with_preferred_allocator
-
-        reexec_with_preferred_allocator()  # before torch loads: the allocator is picked at process start
         app()
     except (UserError, ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as err:
         # Our errors say what, where and how to fix: one line, no traceback (GOPD_DEBUG=1 shows it).
@@ -251,5 +249,21 @@ def main() -> None:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+
+def program() -> None:
+    """The `gopd` program: first re-executes itself on the preferred malloc (`gopd_core.allocator`), then `main`.
+
+    Only a process's entry point may re-execute it, so in-process callers use `main`.
+    """
+    from gopd_core.allocator import AllocatorError, reexec_with_preferred_allocator
+
+    try:
+        reexec_with_preferred_allocator()  # before torch loads: the allocator is picked at process start
+    except AllocatorError as err:
+        console.print(f"[red]error (AllocatorError):[/red] {err}", soft_wrap=True)
+        raise SystemExit(2) from None
     main()
+
+
+if __name__ == "__main__":
+    program()

@@ -54,10 +54,11 @@ def test_loaded_allocator_reads_the_process_maps(tmp_path):
     assert loaded_allocator(tmp_path / "absent") == "system"
 
 
-def _cli_allocator(**environ: str) -> subprocess.CompletedProcess:
+def _cli_allocator(command: list[str] = CLI, **environ: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items()
            if key not in ("LD_PRELOAD", "MALLOC_CONF", REEXEC_MARKER, "GOPD_ALLOCATOR")}
-    return subprocess.run([*CLI, "allocator"], env={**env, **environ}, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*command, "allocator"], env={**env, **environ}, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_the_command_reexecutes_once_with_the_preload(tmp_path):
@@ -93,3 +94,6 @@ def test_the_command_runs_on_jemalloc_when_the_system_has_it():
     assert "loaded: jemalloc" in done.stdout
     assert f"MALLOC_CONF={JEMALLOC_CONF}" in done.stdout
     assert "loaded: system" in _cli_allocator(GOPD_ALLOCATOR="system").stdout
+    # `main` is for in-process callers (tests call it inside pytest): it never replaces their process
+    in_process = _cli_allocator([sys.executable, "-c", "import sys; from gopd_core.cli import main; main()"])
+    assert "loaded: system" in in_process.stdout, in_process.stderr
