@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gopd_core.allocator import ALLOCATOR_VARIABLE, REEXEC_MARKER, loaded_allocator, preload_environment  # noqa: E402
+from gopd_core.allocator import child_environment, find_jemalloc, loaded_allocator  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-ALLOCATORS = {"system": "system", "jemalloc": "jemalloc"}  # name -> GOPD_ALLOCATOR
+ALLOCATORS = ("system", "jemalloc")  # GOPD_ALLOCATOR values, also the names loaded_allocator reports
 
 
 def child(vocab: int) -> dict:
@@ -90,9 +90,8 @@ def child(vocab: int) -> dict:
 
 
 def run_child(name: str, vocab: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", REEXEC_MARKER)}
-    env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    env.update(preload_environment({**env, ALLOCATOR_VARIABLE: ALLOCATORS[name]}))
+    env = child_environment(name, {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                                   "TOKENIZERS_PARALLELISM": "false"})
     load = [round(x, 2) for x in os.getloadavg()]
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--vocab", str(vocab)],
                           env=env, cwd=REPO, capture_output=True, text=True)
@@ -140,7 +139,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.vocab)), flush=True)
         return
-    if preload_environment({ALLOCATOR_VARIABLE: "auto"}) == {}:
+    if find_jemalloc() is None:
         raise SystemExit("no libjemalloc.so.2 here: apt-get install libjemalloc2")
     started, runs = time.perf_counter(), []
     started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

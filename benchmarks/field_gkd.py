@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 
 import gopd_core  # noqa: F401  (sets gopd's OpenMP default, which both sides inherit through _quiet_env)
-from gopd_core.allocator import ALLOCATOR_VARIABLE, REEXEC_MARKER, preload_environment
+from gopd_core.allocator import ALLOCATOR_VARIABLE, child_environment
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -160,12 +160,6 @@ def _quiet_env(threads: int = 2) -> dict[str, str]:
             "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def side_env(threads: int, allocator: str) -> dict[str, str]:
-    """A side's environment, on the malloc `allocator` picks (GOPD_ALLOCATOR's values: auto = what `gopd` runs on)."""
-    env = {k: v for k, v in _quiet_env(threads).items() if k not in ("LD_PRELOAD", "MALLOC_CONF", REEXEC_MARKER)}
-    return {**env, **preload_environment({**env, ALLOCATOR_VARIABLE: allocator})}
-
-
 def run_side(name: str, python: Path, script: Path, settings_path: Path, env: dict[str, str]) -> dict:
     """Run one side's script in a fresh process; returns its RESULT JSON plus load averages and total wall."""
     load_before = os.getloadavg()
@@ -212,14 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
         settings_path = Path(scratch) / "settings.json"
         settings_path.write_text(json.dumps(settings))
         sides = {}
-        gopd_env = side_env(args.threads, os.environ.get(ALLOCATOR_VARIABLE, "auto"))
+        # gopd on the malloc its command picks; TRL as it ships (below), and again on gopd's
+        gopd_env = child_environment(os.environ.get(ALLOCATOR_VARIABLE, "auto"), _quiet_env(args.threads))
         if args.only != "trl":
             sides["gopd"] = run_side("gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py", settings_path,
                                      gopd_env)
         if args.only != "gopd":
             trl_python = ensure_trl_venv()
             sides["trl"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py", settings_path,
-                                    side_env(args.threads, "system"))
+                                    child_environment("system", _quiet_env(args.threads)))
             if args.trl_allocator == "both" and "LD_PRELOAD" in gopd_env:
                 sides["trl_gopd_allocator"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py",
                                                        settings_path, gopd_env)

@@ -42,9 +42,13 @@ class AllocatorError(RuntimeError):
     """GOPD_ALLOCATOR names an allocator this machine does not have."""
 
 
+def _jemalloc_dirs() -> tuple[str, ...]:
+    return (*JEMALLOC_DIRS, str(Path(sys.prefix) / "lib"))
+
+
 def find_jemalloc() -> Path | None:
     """The first libjemalloc.so.2 in the usual library folders (and this Python's prefix), or None."""
-    for folder in (*JEMALLOC_DIRS, str(Path(sys.prefix) / "lib")):
+    for folder in _jemalloc_dirs():
         candidate = Path(folder) / JEMALLOC_NAME
         if candidate.is_file():
             return candidate
@@ -71,7 +75,7 @@ def preferred_library(environ: dict[str, str]) -> Path | None:
     if choice in ("auto", "jemalloc"):
         found = find_jemalloc()
         if found is None and choice == "jemalloc":
-            raise AllocatorError(f"{ALLOCATOR_VARIABLE}=jemalloc but no {JEMALLOC_NAME} in {', '.join(JEMALLOC_DIRS)}: "
+            raise AllocatorError(f"{ALLOCATOR_VARIABLE}=jemalloc but no {JEMALLOC_NAME} in {', '.join(_jemalloc_dirs())}: "
                                  f"install it (Debian/Ubuntu: apt-get install libjemalloc2) or set "
                                  f"{ALLOCATOR_VARIABLE}=system")
         return found
@@ -96,6 +100,16 @@ def preload_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     if "jemalloc" in library.name:
         variables["MALLOC_CONF"] = environ.get("MALLOC_CONF", JEMALLOC_CONF)
     return variables
+
+
+def child_environment(choice: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A whole environment for a child process on the allocator `choice` (a GOPD_ALLOCATOR value).
+
+    The parent's own preload is dropped first, so `system` really means the system's malloc.
+    """
+    environ = {k: v for k, v in (os.environ if environ is None else environ).items()
+               if k not in ("LD_PRELOAD", "MALLOC_CONF", REEXEC_MARKER)}
+    return {**environ, **preload_environment({**environ, ALLOCATOR_VARIABLE: choice})}
 
 
 def reexec_with_preferred_allocator() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -237,17 +238,7 @@ def allocator(
 
 def main() -> None:
     """Run the command line in this process (what in-process callers and tests use)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except (UserError, ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as err:
-        # Our errors say what, where and how to fix: one line, no traceback (GOPD_DEBUG=1 shows it).
-        if os.environ.get("GOPD_DEBUG"):
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        console.print(f"[red]error ({type(err).__name__}):[/red] {message}", soft_wrap=True)
-        raise SystemExit(2) from None
-
+    _run(app)
 
 
 def program() -> None:
@@ -255,14 +246,24 @@ def program() -> None:
 
     Only a process's entry point may re-execute it, so in-process callers use `main`.
     """
-    from gopd_core.allocator import AllocatorError, reexec_with_preferred_allocator
+    from gopd_core.allocator import reexec_with_preferred_allocator
 
+    # before torch loads: the allocator is picked at process start
+    _run(reexec_with_preferred_allocator, app)
+
+
+def _run(*steps: Callable[[], object]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        reexec_with_preferred_allocator()  # before torch loads: the allocator is picked at process start
-    except AllocatorError as err:
-        console.print(f"[red]error (AllocatorError):[/red] {err}", soft_wrap=True)
+        for step in steps:
+            step()
+    except (UserError, ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as err:
+        # Our errors say what, where and how to fix: one line, no traceback (GOPD_DEBUG=1 shows it).
+        if os.environ.get("GOPD_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        console.print(f"[red]error ({type(err).__name__}):[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from None
-    main()
 
 
 if __name__ == "__main__":
