@@ -16,8 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import transformers.modeling_utils as hf_modeling
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
+
+from storage.direct_io import write_safetensors
 
 # Our own stages show one progress bar each; per-file "Loading weights" bars would drown them.
 hf_logging.disable_progress_bar()
@@ -242,7 +245,50 @@ def _weights_stamp(path: Path) -> tuple:
 
 def model_hash(path: str | Path) -> str:
     """Content hash (sha256, 16 hex) of a model's weights and config: same bytes, same hash."""
-    return _hash_files(_weights_stamp(check_model_dir(path)))
+    stamp = _weights_stamp(check_model_dir(path))
+    return _WRITTEN_HASHES.get(stamp) or _hash_files(stamp)
+
+
+_WRITTEN_HASHES: dict[tuple, str] = {}  # stamp -> hash of checkpoints this process wrote (`save_model`)
+_SAVE_LOCK = threading.Lock()  # `save_model` swaps a transformers function for the length of one save
+
+
+def save_model(model: torch.nn.Module, directory: Path) -> str | None:
+    """`save_pretrained` into `directory`, its safetensors written around the page cache; returns its hash.
+
+    transformers decides what is saved (tied weights dropped, shards, config); only the bytes go
+    through `storage.direct_io.write_safetensors`, which also hashes them as written, in
+    `model_hash`'s order (config.json is written before the weights). The hash is None, and later
+    read back from the files, where transformers saved files that hashing did not see.
+    """
+    digest, hashed = hashlib.sha256(), []
+
+    def write_shard(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        if not hashed:
+            config = directory / "config.json"
+            digest.update(config.name.encode())
+            digest.update(config.read_bytes())
+            hashed.append(config.name)
+        digest.update(Path(filename).name.encode())
+        write_safetensors(tensors, filename, metadata, digest)
+        hashed.append(Path(filename).name)
+
+    with _SAVE_LOCK:
+        original, hf_modeling.safe_save_file = hf_modeling.safe_save_file, write_shard
+        try:
+            model.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            hf_modeling.safe_save_file = original
+    if not hashed:
+        raise RuntimeError("transformers saved the model without `modeling_utils.safe_save_file`: "
+                           "gopd's checkpoint writer no longer matches this transformers version")
+    saved = [Path(name).name for name, _, _ in _weights_stamp(directory)]
+    return digest.hexdigest()[:16] if saved == hashed else None
+
+
+def remember_model_hash(path: str | Path, content_hash: str) -> None:
+    """Record the hash `save_model` computed for the checkpoint now at `path` (after its final rename)."""
+    _WRITTEN_HASHES[_weights_stamp(Path(path))] = content_hash
 
 
 @lru_cache(maxsize=64)

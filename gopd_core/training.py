@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from gopd_core.head_logprobs import sampled_token_logprobs
-from gopd_core.models import load_tokenizer, model_hash, resident_models
+from gopd_core.models import load_tokenizer, model_hash, remember_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import plan_microbatches, store_scores
+from storage.direct_io import DirectFile
 from storage.layout import RunLayout, atomic_directory, write_json_atomic
 from storage.parquet import atomic_file
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
@@ -332,16 +333,18 @@ def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent:
     """
     final = layout.checkpoint_dir(iteration)
     with atomic_directory(final) as staging:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        content_hash = save_model(model, staging)
         load_tokenizer(parent).save_pretrained(str(staging))
+    if content_hash:
+        remember_model_hash(final, content_hash)
     state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
     trainer_state = {"global_step": global_step, "iteration": iteration, "run_id": layout.run_id,
                      "parent": str(parent)}
 
     def finish() -> None:
-        model_hash(final)  # read back now for the next rollout's checkpoint id, which it caches
-        with atomic_file(final / OPTIMIZER_FILE) as tmp:
-            torch.save(state, tmp)
+        model_hash(final)  # known from the write, or read back now for the next rollout's checkpoint id
+        with atomic_file(final / OPTIMIZER_FILE) as tmp, DirectFile(tmp) as sink:
+            torch.save(state, sink)
         write_json_atomic(final / TRAINER_STATE_FILE, trainer_state)
 
     resident_models().defer(finish, f"checkpoint-{iteration}")

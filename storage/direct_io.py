@@ -1,0 +1,160 @@
+"""Large write-once files (checkpoint weights, optimizer state) written around the page cache.
+
+A G-OPD run writes a checkpoint every iteration: the weights (4 bytes a parameter) and the AdamW
+state (8 more). Through the page cache each byte is copied by the kernel into pages it must first
+find, and on a VM whose spare memory lives with the host (virtio balloon / free page reporting)
+those pages are new to the guest: buffered writes cost ~4 ms of kernel CPU per MB there, about
+1.7 s per 400 MB on the critical path of every update. With `O_DIRECT` the device reads straight
+from a reused, page-aligned buffer: ~0.2 s per 400 MB and almost no CPU, and the run's checkpoints
+stop evicting what the page cache holds for reading (prompts, rollouts, teacher weights).
+
+`DirectFile` is a write-only file object (`write`, `flush`, `close`) that does this, and falls back
+to ordinary buffered writes where the filesystem refuses `O_DIRECT` (tmpfs, some network mounts,
+non-Linux systems): same bytes, only slower. It fsyncs on close. `write_safetensors` writes a
+safetensors file through it; both can feed every byte written to a hash (`digest`) so the caller
+learns the file's content hash without reading it back.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's block
+STAGING_BYTES = 8 << 20  # one reused, page-aligned buffer: 8 MiB per direct write call
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+
+
+class DirectFile:
+    """Write-only, sequential file that bypasses the page cache where it can; fsynced on close.
+
+    Bytes are gathered in a page-aligned staging buffer and written in whole `STAGING_BYTES`
+    blocks with `O_DIRECT`; the last partial block goes through the page cache (it is not aligned).
+    `digest` (a hashlib object) sees every byte in order; `direct_bytes` counts those written with
+    `O_DIRECT` (0 where the filesystem refused it).
+    """
+
+    def __init__(self, path: str | Path, digest=None) -> None:
+        self.path, self.digest, self.size, self.direct_bytes = Path(path), digest, 0, 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(self.path, flags | O_DIRECT, 0o644)
+            self.direct = bool(O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._fd, self.direct = os.open(self.path, flags, 0o644), False
+        self._buffer = mmap.mmap(-1, STAGING_BYTES)
+        self._view, self._filled = memoryview(self._buffer), 0
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, data) -> int:
+        """Append `data` (any contiguous buffer); returns its length in bytes."""
+        source = memoryview(data).cast("B")
+        if self.digest is not None:
+            self.digest.update(source)
+        done = 0
+        while done < len(source):
+            take = min(len(source) - done, STAGING_BYTES - self._filled)
+            self._view[self._filled:self._filled + take] = source[done:done + take]
+            self._filled += take
+            done += take
+            if self._filled == STAGING_BYTES:
+                self._drain(STAGING_BYTES)
+        self.size += len(source)
+        return len(source)
+
+    def flush(self) -> None:
+        """Nothing to do before `close`: whole blocks are written as they fill (torch.save calls this)."""
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            aligned = self._filled - self._filled % ALIGN
+            if aligned:
+                self._drain(aligned)
+            self._set_direct(False)  # the unaligned tail goes through the page cache
+            self._drain(self._filled)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            self._view.release()
+            self._buffer.close()
+
+    def _drain(self, count: int) -> None:
+        """Write the first `count` staged bytes and move the rest (fewer than ALIGN) to the front."""
+        written = 0
+        while written < count:
+            try:
+                step = os.write(self._fd, self._view[written:count])
+                written += step
+                self.direct_bytes += step if self.direct else 0
+            except OSError as err:
+                if err.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._set_direct(False)  # the filesystem took the flag at open but refuses the write
+        rest = self._filled - count
+        self._view[:rest] = self._view[count:self._filled]
+        self._filled = rest
+
+    def _set_direct(self, on: bool) -> None:
+        if not self.direct or on:
+            return
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~O_DIRECT)
+        self.direct = False
+
+
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list]:
+    """The safetensors header (length prefix included, padded with spaces to ALIGN) and the write order.
+
+    Same layout as the safetensors library: tensors by dtype size (largest first), then by name;
+    the padding only moves where the data starts, which readers take from the header length.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"safetensors cannot store {name!r} of dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % ALIGN)
+    return len(encoded).to_bytes(8, "little") + encoded, order
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: Mapping[str, str] | None = None, digest=None) -> int:
+    """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT."""
+    header, order = safetensors_header(tensors, metadata)
+    with DirectFile(path, digest) as sink:
+        sink.write(header)
+        for name in order:
+            tensor = tensors[name].detach()
+            if tensor.numel():
+                sink.write(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sink.direct_bytes

@@ -1,0 +1,108 @@
+"""Checkpoint bytes written around the page cache (`storage.direct_io`, `gopd_core.models.save_model`)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import storage.direct_io as direct_io
+from gopd_core.models import _hash_files, model_hash, remember_model_hash, save_model
+from storage.direct_io import ALIGN, STAGING_BYTES, DirectFile, write_safetensors
+from tests.tiny import build_random_model
+
+
+def takes_o_direct(directory) -> bool:
+    """Whether this filesystem accepts O_DIRECT (tmpfs before Linux 6.6 and other systems do not)."""
+    if not direct_io.O_DIRECT:
+        return False
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | direct_io.O_DIRECT))
+        return True
+    except OSError as err:
+        assert err.errno == errno.EINVAL
+        return False
+
+
+@pytest.mark.parametrize("pieces", [[], [1], [ALIGN - 1, 1], [ALIGN], [3, STAGING_BYTES, 5000], [2 * STAGING_BYTES + 13]])
+def test_direct_file_writes_the_bytes_and_hashes_them(tmp_path, pieces):
+    chunks = [os.urandom(size) for size in pieces]
+    digest = hashlib.sha256()
+    with DirectFile(tmp_path / "out.bin", digest) as sink:
+        for chunk in chunks:
+            assert sink.write(chunk) == len(chunk)
+    expected = b"".join(chunks)
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    assert digest.hexdigest() == hashlib.sha256(expected).hexdigest()
+    # whole blocks bypass the page cache where the filesystem allows it; the unaligned tail never does
+    bypassed = len(expected) - len(expected) % ALIGN if takes_o_direct(tmp_path) else 0
+    assert sink.direct_bytes == bypassed
+
+
+def test_direct_file_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_io, "O_DIRECT", 0)  # as on a system without the flag
+    payload = os.urandom(STAGING_BYTES + 777)
+    with DirectFile(tmp_path / "out.bin") as sink:
+        sink.write(payload)
+    assert (tmp_path / "out.bin").read_bytes() == payload and sink.direct_bytes == 0
+
+
+def test_torch_save_through_a_direct_file_loads_back(tmp_path):
+    state = {"exp_avg": torch.randn(300, 500), "step": torch.tensor(3.0), "nested": {"ids": torch.arange(9)}}
+    with DirectFile(tmp_path / "optimizer.pt") as sink:
+        torch.save(state, sink)
+    back = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert torch.equal(back["exp_avg"], state["exp_avg"]) and torch.equal(back["nested"]["ids"], state["nested"]["ids"])
+
+
+def test_write_safetensors_is_read_by_safetensors(tmp_path):
+    tensors = {
+        "w": torch.randn(33, 7), "ids": torch.arange(5, dtype=torch.int64), "half": torch.randn(4, 3).bfloat16(),
+        "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False]),
+        "strided": torch.randn(6, 8).t(),  # not contiguous
+    }
+    digest = hashlib.sha256()
+    write_safetensors(tensors, tmp_path / "m.safetensors", {"format": "pt"}, digest)
+    back = load_file(tmp_path / "m.safetensors")
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(tmp_path / "m.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    assert (8 + int.from_bytes(raw[:8], "little")) % ALIGN == 0  # tensor data starts block-aligned
+    assert digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_save_model_matches_save_pretrained_and_knows_its_hash(tmp_path):
+    source = build_random_model(tmp_path / "source")  # tied embeddings: transformers leaves lm_head out
+    model = AutoModelForCausalLM.from_pretrained(str(source))
+    ours = tmp_path / "ours"
+    content_hash = save_model(model, ours)
+    plain = tmp_path / "plain"
+    model.save_pretrained(str(plain), safe_serialization=True)
+
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in plain.iterdir())
+    ours_tensors, plain_tensors = load_file(ours / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert set(ours_tensors) == set(plain_tensors) and "lm_head.weight" not in ours_tensors
+    assert all(torch.equal(ours_tensors[name], plain_tensors[name]) for name in plain_tensors)
+    with safe_open(ours / "model.safetensors", "pt") as a, safe_open(plain / "model.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(ours))
+    assert all(torch.equal(x, y) for x, y in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+    _hash_files.cache_clear()
+    assert content_hash == model_hash(ours)  # what reading the files back gives
+    moved = tmp_path / "moved"
+    os.replace(ours, moved)  # as the checkpoint's staging directory is renamed into place
+    remember_model_hash(moved, content_hash)
+    _hash_files.cache_clear()
+    assert model_hash(moved) == content_hash and _hash_files.cache_info().currsize == 0  # not read back
+    (moved / "config.json").write_text((moved / "config.json").read_text() + " ")
+    assert model_hash(moved) != content_hash  # a rewritten file is hashed again
