@@ -10,8 +10,10 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import transformers.modeling_utils as hf_modeling
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from storage.direct_io import write_safetensors
+from storage.direct_io import safetensors_chunks, write_safetensors
 
 # Our own stages show one progress bar each; per-file "Loading weights" bars would drown them.
 hf_logging.disable_progress_bar()
@@ -246,49 +248,10 @@ def _weights_stamp(path: Path) -> tuple:
 def model_hash(path: str | Path) -> str:
     """Content hash (sha256, 16 hex) of a model's weights and config: same bytes, same hash."""
     stamp = _weights_stamp(check_model_dir(path))
-    return _WRITTEN_HASHES.get(stamp) or _hash_files(stamp)
-
-
-_WRITTEN_HASHES: dict[tuple, str] = {}  # stamp -> hash of checkpoints this process wrote (`save_model`)
-_SAVE_LOCK = threading.Lock()  # `save_model` swaps a transformers function for the length of one save
-
-
-def save_model(model: torch.nn.Module, directory: Path) -> str | None:
-    """`save_pretrained` into `directory`, its safetensors written around the page cache; returns its hash.
-
-    transformers decides what is saved (tied weights dropped, shards, config); only the bytes go
-    through `storage.direct_io.write_safetensors`, which also hashes them as written, in
-    `model_hash`'s order (config.json is written before the weights). The hash is None, and later
-    read back from the files, where transformers saved files that hashing did not see.
-    """
-    digest, hashed = hashlib.sha256(), []
-
-    def write_shard(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        if not hashed:
-            config = directory / "config.json"
-            digest.update(config.name.encode())
-            digest.update(config.read_bytes())
-            hashed.append(config.name)
-        digest.update(Path(filename).name.encode())
-        write_safetensors(tensors, filename, metadata, digest)
-        hashed.append(Path(filename).name)
-
-    with _SAVE_LOCK:
-        original, hf_modeling.safe_save_file = hf_modeling.safe_save_file, write_shard
-        try:
-            model.save_pretrained(str(directory), safe_serialization=True)
-        finally:
-            hf_modeling.safe_save_file = original
-    if not hashed:
-        raise RuntimeError("transformers saved the model without `modeling_utils.safe_save_file`: "
-                           "gopd's checkpoint writer no longer matches this transformers version")
-    saved = [Path(name).name for name, _, _ in _weights_stamp(directory)]
-    return digest.hexdigest()[:16] if saved == hashed else None
-
-
-def remember_model_hash(path: str | Path, content_hash: str) -> None:
-    """Record the hash `save_model` computed for the checkpoint now at `path` (after its final rename)."""
-    _WRITTEN_HASHES[_weights_stamp(Path(path))] = content_hash
+    known = _SAVED_HASHES.get(stamp)
+    if known is None:
+        return _hash_files(stamp)
+    return known.result()  # a checkpoint this process saved: its hash is taken from memory
 
 
 @lru_cache(maxsize=64)
@@ -300,6 +263,85 @@ def _hash_files(stamp: tuple) -> str:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+_SAVED_HASHES: dict[tuple, Future] = {}  # stamp -> hash of a checkpoint `save_model` wrote, once taken
+_SAVE_LOCK = threading.Lock()  # `save_model` swaps a transformers function for the length of one save
+
+
+@dataclass
+class SavedModel:
+    """What `save_model` wrote: enough to take the directory's `model_hash` from memory later.
+
+    `files` are (file name, tensors, metadata) per safetensors shard, in `model_hash`'s order, after
+    config.json (`config`). The tensors are the model's own: their hash is right until its weights
+    next change (the update's next optimizer step, which waits for the deferred checkpoint work).
+    """
+
+    config: bytes
+    files: list[tuple[str, dict, dict | None]]
+    complete: bool  # the files hashed here are exactly those `model_hash` reads
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(b"config.json")
+        digest.update(self.config)
+        for name, tensors, metadata in self.files:
+            digest.update(name.encode())
+            for chunk in safetensors_chunks(tensors, metadata):
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
+
+
+def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
+    """`save_pretrained` into `directory`, its safetensors written around the page cache.
+
+    transformers decides what is saved (tied weights dropped, shards, config); only the bytes go
+    through `storage.direct_io.write_safetensors`. Hashing them (~0.7 s per GB) is left out of the
+    write: `promise_model_hash` takes it later, from memory (`SavedModel`).
+    """
+    files: list[tuple[str, dict, dict | None]] = []
+
+    def write_shard(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        write_safetensors(tensors, filename, metadata)
+        files.append((Path(filename).name, tensors, metadata))
+
+    with _SAVE_LOCK:
+        original, hf_modeling.safe_save_file = hf_modeling.safe_save_file, write_shard
+        try:
+            model.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            hf_modeling.safe_save_file = original
+    if not files:
+        raise RuntimeError("transformers saved the model without `modeling_utils.safe_save_file`: "
+                           "gopd's checkpoint writer no longer matches this transformers version")
+    saved = [Path(name).name for name, _, _ in _weights_stamp(directory)]
+    return SavedModel((directory / "config.json").read_bytes(), files,
+                      complete=saved == ["config.json", *(name for name, _, _ in files)])
+
+
+def promise_model_hash(path: str | Path, saved: SavedModel) -> Callable[[], None]:
+    """Promise `model_hash(path)` for the checkpoint `saved` now at `path` (after its final rename).
+
+    Returns the function that keeps the promise: it takes the hash from memory; until it has run,
+    `model_hash(path)` waits for it instead of reading the files back. It must run before the
+    model's weights change. An incomplete `saved` promises nothing (the files are read back).
+    """
+    if not saved.complete:
+        return lambda: None
+    promised: Future = Future()
+    _SAVED_HASHES[_weights_stamp(Path(path))] = promised
+
+    def keep() -> None:
+        if promised.done():
+            return
+        try:
+            promised.set_result(saved.content_hash())
+        except BaseException as error:  # whoever asks for the hash sees why it is missing
+            promised.set_exception(error)
+            raise
+
+    return keep
 
 
 def check_same_vocab(reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, other_name: str) -> None:

@@ -9,7 +9,8 @@
 3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
    padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
    (or `objectives.sft_loss` for the off-policy SFT baseline, picked by `LossSettings.objective`).
-4. Save the new weights (HF dir, safetensors) atomically; return per-step metrics. The optimizer
+4. Save the new weights (HF dir, safetensors) atomically, around the page cache (`models.save_model`,
+   `storage.direct_io`); return per-step metrics. The optimizer
    state (twice the weights' bytes) and `trainer_state.json` follow in the background while the
    run goes on (`ResidentModels.defer`, when the run keeps its models in memory), so that write
    overlaps the next rollout. `trainer_state.json` is written last: a checkpoint without it is an
@@ -30,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gopd_core.head_logprobs import sampled_token_logprobs
-from gopd_core.models import load_tokenizer, model_hash, remember_model_hash, resident_models, save_model
+from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import plan_microbatches, store_scores
 from storage.direct_io import DirectFile
@@ -333,16 +334,15 @@ def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent:
     """
     final = layout.checkpoint_dir(iteration)
     with atomic_directory(final) as staging:
-        content_hash = save_model(model, staging)
+        saved = save_model(model, staging)
         load_tokenizer(parent).save_pretrained(str(staging))
-    if content_hash:
-        remember_model_hash(final, content_hash)
+    keep_hash_promise = promise_model_hash(final, saved)
     state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
     trainer_state = {"global_step": global_step, "iteration": iteration, "run_id": layout.run_id,
                      "parent": str(parent)}
 
     def finish() -> None:
-        model_hash(final)  # known from the write, or read back now for the next rollout's checkpoint id
+        keep_hash_promise()  # first: the next rollout's checkpoint id waits for it
         with atomic_file(final / OPTIMIZER_FILE) as tmp, DirectFile(tmp) as sink:
             torch.save(state, sink)
         write_json_atomic(final / TRAINER_STATE_FILE, trainer_state)

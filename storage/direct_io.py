@@ -22,7 +22,7 @@ import fcntl
 import json
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -125,11 +125,13 @@ class DirectFile:
         self.direct = False
 
 
-def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list]:
-    """The safetensors header (length prefix included, padded with spaces to ALIGN) and the write order.
+def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Iterator:
+    """The bytes of a safetensors file holding `tensors`, in order: the header, then each tensor's data.
 
-    Same layout as the safetensors library: tensors by dtype size (largest first), then by name;
-    the padding only moves where the data starts, which readers take from the header length.
+    Same layout as the safetensors library (tensors by dtype size, largest first, then by name),
+    except that the header is padded with spaces to ALIGN, so the data starts block-aligned; readers
+    take the data's start from the header length. The same tensors give the same bytes, so a file's
+    hash can be taken again later from memory (`gopd_core.models.save_model`).
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -144,17 +146,17 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % ALIGN)
-    return len(encoded).to_bytes(8, "little") + encoded, order
+    yield len(encoded).to_bytes(8, "little") + encoded
+    for name in order:
+        tensor = tensors[name].detach()
+        if tensor.numel():
+            yield tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: Mapping[str, str] | None = None, digest=None) -> int:
     """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT."""
-    header, order = safetensors_header(tensors, metadata)
     with DirectFile(path, digest) as sink:
-        sink.write(header)
-        for name in order:
-            tensor = tensors[name].detach()
-            if tensor.numel():
-                sink.write(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        for chunk in safetensors_chunks(tensors, metadata):
+            sink.write(chunk)
     return sink.direct_bytes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import storage.direct_io as direct_io
-from gopd_core.models import _hash_files, model_hash, remember_model_hash, save_model
+from gopd_core.models import _hash_files, model_hash, promise_model_hash, save_model
 from storage.direct_io import ALIGN, STAGING_BYTES, DirectFile, write_safetensors
 from tests.tiny import build_random_model
 
@@ -80,14 +82,15 @@ def test_write_safetensors_is_read_by_safetensors(tmp_path):
     assert digest.hexdigest() == hashlib.sha256(raw).hexdigest()
 
 
-def test_save_model_matches_save_pretrained_and_knows_its_hash(tmp_path):
+def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
     source = build_random_model(tmp_path / "source")  # tied embeddings: transformers leaves lm_head out
     model = AutoModelForCausalLM.from_pretrained(str(source))
     ours = tmp_path / "ours"
-    content_hash = save_model(model, ours)
+    saved = save_model(model, ours)
     plain = tmp_path / "plain"
     model.save_pretrained(str(plain), safe_serialization=True)
 
+    assert saved.complete and [name for name, _, _ in saved.files] == ["model.safetensors"]
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in plain.iterdir())
     ours_tensors, plain_tensors = load_file(ours / "model.safetensors"), load_file(plain / "model.safetensors")
     assert set(ours_tensors) == set(plain_tensors) and "lm_head.weight" not in ours_tensors
@@ -96,13 +99,17 @@ def test_save_model_matches_save_pretrained_and_knows_its_hash(tmp_path):
         assert a.metadata() == b.metadata()
     reloaded = AutoModelForCausalLM.from_pretrained(str(ours))
     assert all(torch.equal(x, y) for x, y in zip(reloaded.state_dict().values(), model.state_dict().values()))
-
     _hash_files.cache_clear()
-    assert content_hash == model_hash(ours)  # what reading the files back gives
+    from_files = model_hash(ours)  # reading the files back (nothing promised for this path)
+
     moved = tmp_path / "moved"
     os.replace(ours, moved)  # as the checkpoint's staging directory is renamed into place
-    remember_model_hash(moved, content_hash)
+    keep = promise_model_hash(moved, saved)
     _hash_files.cache_clear()
-    assert model_hash(moved) == content_hash and _hash_files.cache_info().currsize == 0  # not read back
+    late = threading.Thread(target=lambda: (time.sleep(0.3), keep()))
+    late.start()
+    assert model_hash(moved) == from_files  # waited for the promise, taken from memory
+    late.join()
+    assert _hash_files.cache_info().currsize == 0  # the files were not read back
     (moved / "config.json").write_text((moved / "config.json").read_text() + " ")
-    assert model_hash(moved) != content_hash  # a rewritten file is hashed again
+    assert model_hash(moved) != from_files  # a rewritten file is hashed again, from disk
