@@ -7,6 +7,7 @@ measured and how each target is judged.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 MEMORY_GROWTH_LIMIT = 1.10  # "bounded": 10x the stored rollouts may raise peak RSS by at most 10%
@@ -82,12 +83,17 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     for run in _field_runs(results):
         result = run["result"]
         same = result.get("speedup_same_allocator")
-        on_gopd_malloc = (f"; {same:.2f}x vs TRL on gopd's malloc ({result['trl_gopd_allocator']['median_step_s']:.2f} s)"
+        on_gopd_malloc = (f"; {_times(same)} vs TRL on gopd's malloc ({result['trl_gopd_allocator']['median_step_s']:.2f} s)"
                           if same is not None else "")
         out.append((_field_target(result), min(result.get("speedup", 0), same or float("inf")) >= 2,
-                    f"{result.get('speedup', 0):.2f}x ({result['gopd']['median_step_s']:.2f} s vs "
+                    f"{_times(result.get('speedup', 0))} ({result['gopd']['median_step_s']:.2f} s vs "
                     f"{result['trl']['median_step_s']:.2f} s){on_gopd_malloc}"))
     return out
+
+
+def _times(ratio: float) -> str:
+    """A speedup as "N.NNx", rounded down: a ratio just under a 2x target never reads "2.00x"."""
+    return f"{math.floor(ratio * 100) / 100:.2f}x"
 
 
 def _scoring_sections(results: dict) -> dict[str, dict]:
@@ -432,13 +438,13 @@ def _allocator_share(result: dict) -> str:
         return ""
     system, same = result["trl"]["median_step_s"], result["trl_gopd_allocator"]["median_step_s"]
     return (f"On gopd's malloc ({result['gopd'].get('allocator')}) TRL's step took {same:.2f} s against {system:.2f} s "
-            f"on the system's, so the comparison at equal allocators reads {result['speedup_same_allocator']:.2f}x. ")
+            f"on the system's, so the comparison at equal allocators reads {_times(result['speedup_same_allocator'])}. ")
 
 
 def _same_allocator_cell(result: dict) -> str:
     if result.get("speedup_same_allocator") is None:
         return f"n/a (gopd on {result['gopd'].get('allocator', 'system')})"
-    return f"{result['speedup_same_allocator']:.2f}x ({result['trl_gopd_allocator']['median_step_s']:.2f} s)"
+    return f"{_times(result['speedup_same_allocator'])} ({result['trl_gopd_allocator']['median_step_s']:.2f} s)"
 
 
 def _mean_stages(gopd: dict) -> dict[str, float]:
@@ -466,9 +472,9 @@ def _field_text(field: dict) -> str:
                      f"{result['models']['teacher']['parameters'] / 1e6:.1f}M",
                      result["batch"], f"{gopd['mean_response_tokens']:.1f}",
                      f"{trl.get('mean_response_tokens', 0):.1f}", f"{gopd['median_step_s']:.2f}",
-                     f"{trl.get('median_step_s', float('nan')):.2f}", f"**{result.get('speedup', 0):.2f}x**",
+                     f"{trl.get('median_step_s', float('nan')):.2f}", f"**{_times(result.get('speedup', 0))}**",
                      _same_allocator_cell(result),
-                     f"{result.get('cpu_speedup', 0):.2f}x", split, trl_generate,
+                     _times(result.get('cpu_speedup', 0)), split, trl_generate,
                      f"{gopd['peak_rss_mb']:.0f} / {trl.get('peak_rss_mb', 0):.0f}"])
         blocks.append(f"`{run['command']}` ({run['seconds']} s):\n\n```json\n{json.dumps(result, indent=2)}\n```")
     return "\n".join([

@@ -17,6 +17,7 @@ from tiny import build_random_model, tiny_distill_config, write_task_data
 from flows.distill import distill
 from flows.evaluate import evaluate
 from flows.rescore import rescore
+from gopd_core.models import _hash_files, _weights_stamp
 from gopd_core.report import write_report
 from storage.catalog import open_catalog, run_query
 from storage.layout import RunLayout
@@ -67,6 +68,11 @@ def test_distill_two_iterations(finished_run):
         checkpoint = layout.checkpoint_dir(iteration)
         assert (checkpoint / "model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
     assert (layout.report_dir() / "metrics.png").stat().st_size > 1000
+    # iteration 1 sampled checkpoint 0: its id carries the hash of the files as written (read back here,
+    # while the run took it from memory while writing them with O_DIRECT)
+    from_disk = _hash_files(_weights_stamp(layout.checkpoint_dir(0)))
+    sampled_by = run_query(finished_run, "SELECT DISTINCT checkpoint_id FROM rollouts WHERE iteration = 1").fetchall()
+    assert sampled_by == [(f"{layout.checkpoint_dir(0).name}@{from_disk[:8]}",)]
     roles = run_query(finished_run, "SELECT DISTINCT role, domain FROM scores ORDER BY ALL").fetchall()
     assert roles == [("reference", None), ("student", None), ("teacher", "code"), ("teacher", "math")]
 
