@@ -11,8 +11,8 @@ stop evicting what the page cache holds for reading (prompts, rollouts, teacher 
 `DirectFile` is a write-only file object (`write`, `flush`, `close`) that does this, and falls back
 to ordinary buffered writes where the filesystem refuses `O_DIRECT` (tmpfs, some network mounts,
 non-Linux systems): same bytes, only slower. It fsyncs on close. `write_safetensors` writes a
-safetensors file through it; both can feed every byte written to a hash (`digest`) so the caller
-learns the file's content hash without reading it back.
+safetensors file through it; `safetensors_chunks` gives the same bytes again (to hash them from
+memory instead of reading the file back).
 """
 
 from __future__ import annotations
@@ -44,20 +44,19 @@ class DirectFile:
 
     Bytes are gathered in a page-aligned staging buffer and written in whole `STAGING_BYTES`
     blocks with `O_DIRECT`; the last partial block goes through the page cache (it is not aligned).
-    `digest` (a hashlib object) sees every byte in order; `direct_bytes` counts those written with
-    `O_DIRECT` (0 where the filesystem refused it).
+    `direct_bytes` counts the bytes written with `O_DIRECT` (0 where the filesystem refused it).
     """
 
-    def __init__(self, path: str | Path, digest=None) -> None:
-        self.path, self.digest, self.size, self.direct_bytes = Path(path), digest, 0, 0
+    def __init__(self, path: str | Path) -> None:
+        self.direct_bytes = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._fd = os.open(self.path, flags | O_DIRECT, 0o644)
+            self._fd = os.open(path, flags | O_DIRECT, 0o644)
             self.direct = bool(O_DIRECT)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-            self._fd, self.direct = os.open(self.path, flags, 0o644), False
+            self._fd, self.direct = os.open(path, flags, 0o644), False
         self._buffer = mmap.mmap(-1, STAGING_BYTES)
         self._view, self._filled = memoryview(self._buffer), 0
 
@@ -70,8 +69,6 @@ class DirectFile:
     def write(self, data) -> int:
         """Append `data` (any contiguous buffer); returns its length in bytes."""
         source = memoryview(data).cast("B")
-        if self.digest is not None:
-            self.digest.update(source)
         done = 0
         while done < len(source):
             take = min(len(source) - done, STAGING_BYTES - self._filled)
@@ -80,7 +77,6 @@ class DirectFile:
             done += take
             if self._filled == STAGING_BYTES:
                 self._drain(STAGING_BYTES)
-        self.size += len(source)
         return len(source)
 
     def flush(self) -> None:
@@ -154,9 +150,9 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                      metadata: Mapping[str, str] | None = None, digest=None) -> int:
+                      metadata: Mapping[str, str] | None = None) -> int:
     """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT."""
-    with DirectFile(path, digest) as sink:
+    with DirectFile(path) as sink:
         for chunk in safetensors_chunks(tensors, metadata):
             sink.write(chunk)
     return sink.direct_bytes
