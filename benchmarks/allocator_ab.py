@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -155,13 +154,12 @@ def main() -> None:
         "step_cpu_s": round(statistics.median(x for r in mine for x in r["step"]["step_cpu_s"]), 2),
         "kernel_cpu_s_per_step": round(statistics.median(x for r in mine for x in r["step"]["kernel_cpu_s_per_step"]), 2)}
         for name in ALLOCATORS for mine in [[r for r in runs if r["allocator"] == name]]}
-    report = {"benchmark": "allocator_ab", "command": "python3 " + shlex.join(["benchmarks/allocator_ab.py", *sys.argv[1:]]),
+    from benchmarks import perf_common as common  # torch loads only in the children until here
+
+    report = {"benchmark": "allocator_ab", "command": common.invocation("benchmarks/allocator_ab.py"),
               "started_utc": started_utc, "seconds": round(time.perf_counter() - started), "vocab": args.vocab,
               "runs": runs, "summary": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "allocator.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "allocator.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results(args.out, "allocator", report, markdown(report))
 
 
 if __name__ == "__main__":

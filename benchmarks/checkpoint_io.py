@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,23 +141,19 @@ def main() -> None:
             rounds.append(row)
         sizes = {"weights": sum(p.stat().st_size for p in (scratch / "direct-0").glob("*.safetensors")),
                  "optimizer": (scratch / "direct-0" / "optimizer.pt").stat().st_size}
-        filesystem = os.popen(f"df -T {scratch} | tail -1").read().split()[1:2]
+        df = subprocess.run(["df", "--output=fstype", str(scratch)], capture_output=True, text=True)
+        filesystem = df.stdout.split()[1:2]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {
-        "benchmark": "checkpoint_io", "command": "python3 benchmarks/checkpoint_io.py" + (
-            f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
-            f" --vocab {args.vocab}" if args.vocab != 151936 else ""),
+        "benchmark": "checkpoint_io", "command": common.invocation("benchmarks/checkpoint_io.py"),
         "started": started_at, "wall_s": round(time.perf_counter() - started, 1), "machine": common.machine(),
         "vocab": args.vocab, "parameters": common.parameter_count(model), "bytes": sizes,
         "scratch_filesystem": filesystem[0] if filesystem else "unknown", "rounds": args.rounds,
         "load_before": load_before, "load_after": common.load_average(),
         "median": {way: medians(rounds, way) for way in ("buffered", "direct")}, "per_round": rounds,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "checkpoint_io.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "checkpoint_io.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results(args.out, "checkpoint_io", report, markdown(report))
 
 
 if __name__ == "__main__":

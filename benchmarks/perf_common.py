@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,3 +143,16 @@ def rollout_rows(run_id: str, sequences: list[tuple[list[int], list[int]]], logp
              "rollout_logprobs": logprobs[i] if logprobs else [0.0] * len(response), "prompt_text": "",
              "response_text": "", "finish_reason": "length", "reward": 0.0}
             for i, (prompt, response) in enumerate(sequences)]
+
+
+def invocation(script: str) -> str:
+    """The command line that reproduces this run of `script` (a path from the repository root)."""
+    return "python3 " + shlex.join([script, *sys.argv[1:]])
+
+
+def write_results(out: Path, name: str, report: dict, markdown: str) -> None:
+    """`out/NAME.json` and `out/NAME.md`; the Markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

@@ -256,12 +256,21 @@ def model_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=64)
 def _hash_files(stamp: tuple) -> str:
+    return _content_hash((Path(name).name, _file_blocks(name)) for name, _, _ in stamp)
+
+
+def _file_blocks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        yield from iter(lambda: handle.read(1 << 22), b"")
+
+
+def _content_hash(files) -> str:
+    """The model hash: sha256 over each (file name, its bytes in chunks), in order; 16 hex digits."""
     digest = hashlib.sha256()
-    for name, _, _ in stamp:
-        digest.update(Path(name).name.encode())
-        with open(name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+    for name, chunks in files:
+        digest.update(name.encode())
+        for chunk in chunks:
+            digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -283,14 +292,8 @@ class SavedModel:
     complete: bool  # the files hashed here are exactly those `model_hash` reads
 
     def content_hash(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(b"config.json")
-        digest.update(self.config)
-        for name, tensors, metadata in self.files:
-            digest.update(name.encode())
-            for chunk in safetensors_chunks(tensors, metadata):
-                digest.update(chunk)
-        return digest.hexdigest()[:16]
+        return _content_hash([("config.json", [self.config]),
+                              *((name, safetensors_chunks(tensors, metadata)) for name, tensors, metadata in self.files)])
 
 
 def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
