@@ -126,6 +126,31 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
+def weight_split(model_dir: Path) -> dict[str, int]:
+    """Parameters a forward pass multiplies at every position ("body": all but the embeddings) and at the
+    positions whose logits it needs ("head": the LM head, tied or not), from the safetensors shapes."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as tensors:
+            shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
+    embedding = next(math.prod(shape) for key, shape in shapes.items() if key.endswith("embed_tokens.weight"))
+    untied_head = math.prod(shapes.get("lm_head.weight", [0]))
+    return {"body": sum(math.prod(shape) for shape in shapes.values()) - embedding - untied_head,
+            "head": untied_head or embedding}
+
+
+def pass_gflop(student_dir: Path, teacher_dir: Path, steps: list[dict]) -> float:
+    """GFLOP per step (mean over `steps`) of the passes both tools must run on gopd's own tokens: the
+    teacher's forward (2 x weights) and the student's forward and backward (6 x weights), the body at
+    every position the model reads (prompt + response - 1 per row) and the head at response positions."""
+    student, teacher = weight_split(student_dir), weight_split(teacher_dir)
+    flops = [(2 * teacher["body"] + 6 * student["body"]) * (step["prompt"] + step["response"] - step["rows"])
+             + (2 * teacher["head"] + 6 * student["head"]) * step["response"] for step in steps]
+    return sum(flops) / len(flops) / 1e9
+
+
 def installed_version(python: Path, module: str) -> str:
     return subprocess.run([str(python), "-c", f"import {module}; print({module}.__version__)"],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -227,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
         "samples_per_prompt": 1, "max_new_tokens": args.max_new_tokens, "measured_steps": args.steps,
         "threads": args.threads, "dtype": "float32", "quick": args.quick, "cpu_count": os.cpu_count(), **sides,
     }
+    if "gopd" in sides:
+        report["passes_gflop_per_step"] = pass_gflop(Path(settings["student"]), Path(settings["teacher"]),
+                                                     sides["gopd"]["tokens_per_step"])
     if "gopd" in sides and "trl" in sides:
         report["speedup"] = sides["trl"]["median_step_s"] / sides["gopd"]["median_step_s"]
         report["cpu_speedup"] = sides["trl"]["median_step_cpu_s"] / sides["gopd"]["median_step_cpu_s"]

@@ -83,6 +83,13 @@ def one_step(layout, config, iteration: int, checkpoint: Path) -> tuple[Path, di
     return checkpoint, seconds
 
 
+def _step_tokens(rollouts: dict[str, list]) -> dict:
+    """One step's token counts: rows, prompt and response tokens, and each response's length."""
+    response_lengths = [len(t) for t in rollouts["response_token_ids"]]
+    return {"rows": len(response_lengths), "prompt": sum(len(t) for t in rollouts["prompt_token_ids"]),
+            "response": sum(response_lengths), "response_lengths": response_lengths}
+
+
 def main(settings: dict) -> dict:
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
@@ -97,8 +104,9 @@ def main(settings: dict) -> dict:
                 checkpoint, stages = one_step(layout, config, iteration, checkpoint)
                 steps.append({"step_s": time.perf_counter() - started, "step_cpu_s": time.process_time() - cpu_started,
                               **{f"{k}_s": v for k, v in stages.items()}})
-        lengths = [len(t) for it in range(len(steps))
-                   for t in read_rollouts(layout, it, ["response_token_ids"]).column("response_token_ids").to_pylist()]
+        tokens = [_step_tokens(read_rollouts(layout, it, ["prompt_token_ids", "response_token_ids"]).to_pydict())
+                  for it in range(len(steps))]
+    lengths = [n for step in tokens for n in step.pop("response_lengths")]
     warmup, *measured = steps
     return {
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
@@ -106,6 +114,7 @@ def main(settings: dict) -> dict:
         "step_cpu_s": [s["step_cpu_s"] for s in measured],
         "stages_s": measured, "warmup_stages_s": warmup,
         "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "responses": len(lengths),
+        "tokens_per_step": tokens[1:],
         "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }

@@ -44,7 +44,7 @@ from gopd_core.pipeline import (
 )
 from gopd_core.rollout import SamplingParams
 from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cache
-from gopd_core.rollout.lean_decode import LeanDecoder
+from gopd_core.rollout.lean_decode import LeanDecoder, _fused_norm
 from gopd_core.rollout.sampling import TokenSampler
 from gopd_core.scoring import score_key, score_rollouts
 from gopd_core.training import ScoreSets, checkpoint_complete, update_policy
@@ -158,6 +158,29 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture):
             positions_B = positions_B + 1
         unpadded = decoder.step(tokens_B, positions_B, None, lean_cache)  # no padding: no mask at all
     assert unpadded.shape == (2, config.vocab_size)
+
+
+class _OffsetRMSNorm(torch.nn.Module):
+    """Gemma's form, weight applied as (1 + w): not what `F.rms_norm` computes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(torch.randn(size)), 1e-6
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+
+def test_lean_decoder_fuses_a_norm_only_where_the_fused_kernel_gives_the_modules_output():
+    model_class, config = LEAN_ARCHITECTURES["qwen3, per-head q/k norms"]
+    torch.manual_seed(5)
+    norm = model_class(config).model.layers[0].input_layernorm
+    torch.nn.init.normal_(norm.weight, std=0.5)
+    fused, hidden = _fused_norm(norm), torch.randn(3, 1, config.hidden_size)
+    assert fused is not norm
+    assert (fused(hidden) - norm(hidden)).abs().max().item() < 1e-6
+    offset = _OffsetRMSNorm(config.hidden_size)
+    assert _fused_norm(offset) is offset
 
 
 def test_lean_decoder_leaves_other_models_to_transformers():

@@ -7,14 +7,14 @@ seven linears per layer) adds as much again. `LeanDecoder` runs the same arithme
    another, and every weight is reordered once for oneDNN (`models.prepacked_linears` does the same
    for the stock modules): four linears per layer instead of seven.
 2. Each step: embed the new tokens; rotary cos/sin from the model's own rotary module (so every
-   RoPE variant it implements applies); per layer, the model's own RMSNorm modules (and Qwen3's
-   per-head q/k norms), the fused projections, rotate-half RoPE, the new key/value written in place
-   into the rollout's `ReservedLayer`, SDPA over the cache with the left-padding mask, and the
-   SwiGLU MLP; then the final norm and the LM head.
+   RoPE variant it implements applies); per layer, the RMSNorms (and Qwen3's per-head q/k norms) as
+   one fused `F.rms_norm` each where that reproduces the model's module (`_fused_norm`, else the
+   module itself), the fused projections, rotate-half RoPE on queries and keys together in three
+   ops, the new key/value written in place into the rollout's `ReservedLayer`, SDPA over the cache
+   with the left-padding mask, and the SwiGLU MLP; then the final norm and the LM head.
 3. Models it does not cover decode through transformers as before (`LeanDecoder.supports`): other
    architectures, sliding-window layers, non-SiLU MLPs, partial rotary, logit transforms, anything
    off the CPU or not float32.
-Tests compare its logits with the transformers forward pass step by step (Llama, Qwen2, Qwen3).
 """
 
 from __future__ import annotations
@@ -36,10 +36,37 @@ def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
                       for linear in linears])
 
 
-def _rotate(states_BHLD: torch.Tensor, cos_B1LD: torch.Tensor, sin_B1LD: torch.Tensor) -> torch.Tensor:
-    half = states_BHLD.shape[-1] // 2
-    rotated_BHLD = torch.cat((-states_BHLD[..., half:], states_BHLD[..., :half]), dim=-1)
-    return states_BHLD * cos_B1LD + rotated_BHLD * sin_B1LD
+def _rotate(states_B1XD: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of queries and keys at once, in three ops: x * cos + swap_halves(x) * signed_sin.
+
+    signed_sin is sin with its first half negated (`_signed_sin`), so the swapped halves need no negation.
+    """
+    *lead, dim = states_B1XD.shape
+    swapped_B1XD = states_B1XD.view(*lead, 2, dim // 2).flip(-2).view(*lead, dim)
+    return torch.addcmul(states_B1XD * cos_B11D, swapped_B1XD, signed_sin_B11D)
+
+
+def _signed_sin(sin_B11D: torch.Tensor) -> torch.Tensor:
+    half = sin_B11D.shape[-1] // 2
+    return torch.cat((-sin_B11D[..., :half], sin_B11D[..., half:]), dim=-1)
+
+
+def _fused_norm(norm: torch.nn.Module):
+    """`norm` as one fused `F.rms_norm` call when that gives the module's own output on a probe, else `norm`.
+
+    The Llama-family RMSNorm runs six ops (cast, pow, mean, rsqrt, two muls); the fused kernel one pass.
+    """
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return norm
+    shape = (weight.shape[0],)
+    probe = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=weight.dtype) * 3
+
+    def fused(hidden: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden, shape, weight, eps)
+
+    with torch.no_grad():
+        return fused if torch.allclose(fused(probe), norm(probe), rtol=1e-5, atol=1e-6) else norm
 
 
 class _Layer:
@@ -48,8 +75,10 @@ class _Layer:
     def __init__(self, layer: torch.nn.Module) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.input_norm, self.post_norm = _fused_norm(layer.input_layernorm), _fused_norm(layer.post_attention_layernorm)
         self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        if self.q_norm is not None:
+            self.q_norm, self.k_norm = _fused_norm(self.q_norm), _fused_norm(self.k_norm)
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
@@ -60,22 +89,22 @@ class _Layer:
         self.gate_up_bias = _fused_bias([mlp.gate_proj, mlp.up_proj])
         self.down, self.down_bias = pack_linear_weight(mlp.down_proj.weight), _fused_bias([mlp.down_proj])
 
-    def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, sin_B11D: torch.Tensor,
+    def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor,
                  attend_B11L: torch.Tensor | None, cache_layer) -> torch.Tensor:
-        batch, dim = hidden_B1H.shape[0], self.head_dim
+        batch, dim, heads = hidden_B1H.shape[0], self.head_dim, self.heads
         qkv_B1X = packed_linear(self.qkv, self.qkv_bias, self.input_norm(hidden_B1H))
-        q_B1X, k_B1X, v_B1X = qkv_B1X.split([self.heads * dim, self.kv_heads * dim, self.kv_heads * dim], dim=-1)
-        q_B1HD, k_B1KD = q_B1X.view(batch, 1, self.heads, dim), k_B1X.view(batch, 1, self.kv_heads, dim)
+        qk_B1X, v_B1X = qkv_B1X.split([(heads + self.kv_heads) * dim, self.kv_heads * dim], dim=-1)
+        qk_B1QD = qk_B1X.view(batch, 1, heads + self.kv_heads, dim)  # Q = query heads then key heads
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
-            q_B1HD, k_B1KD = self.q_norm(q_B1HD), self.k_norm(k_B1KD)
-        q_BH1D = _rotate(q_B1HD.transpose(1, 2), cos_B11D, sin_B11D)
-        k_BK1D = _rotate(k_B1KD.transpose(1, 2), cos_B11D, sin_B11D)
+            qk_B1QD = torch.cat((self.q_norm(qk_B1QD[:, :, :heads]), self.k_norm(qk_B1QD[:, :, heads:])), dim=2)
+        qk_B1QD = _rotate(qk_B1QD, cos_B11D, signed_sin_B11D)
+        q_BH1D, k_BK1D = qk_B1QD[:, :, :heads].transpose(1, 2), qk_B1QD[:, :, heads:].transpose(1, 2)
         keys_BKLD, values_BKLD = cache_layer.update(k_BK1D, v_B1X.view(batch, 1, self.kv_heads, dim).transpose(1, 2))
         attended_BH1D = F.scaled_dot_product_attention(q_BH1D, keys_BKLD, values_BKLD, attn_mask=attend_B11L,
-                                                       scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+                                                       scale=self.scaling, enable_gqa=self.kv_heads != heads)
         hidden_B1H = hidden_B1H + packed_linear(self.out, self.out_bias, attended_BH1D.transpose(1, 2).reshape(batch, 1, -1))
         gate_B1I, up_B1I = packed_linear(self.gate_up, self.gate_up_bias, self.post_norm(hidden_B1H)).chunk(2, dim=-1)
-        return hidden_B1H + packed_linear(self.down, self.down_bias, F.silu(gate_B1I) * up_B1I)
+        return hidden_B1H.add_(packed_linear(self.down, self.down_bias, F.silu(gate_B1I).mul_(up_B1I)))
 
 
 class LeanDecoder:
@@ -85,7 +114,7 @@ class LeanDecoder:
         if not self.supports(model):
             raise ValueError(f"LeanDecoder does not cover {type(model).__name__}: decode it with transformers")
         body = model.model
-        self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, body.norm
+        self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, _fused_norm(body.norm)
         self.layers = [_Layer(layer) for layer in body.layers]
         self.head, self.head_bias = pack_linear_weight(model.lm_head.weight), _fused_bias([model.lm_head])
 
@@ -113,10 +142,10 @@ class LeanDecoder:
         """
         hidden_B1H = self.embed(tokens_B[:, None])
         cos_B1D, sin_B1D = self.rotary(hidden_B1H, positions_B[:, None])
-        cos_B11D, sin_B11D = cos_B1D[:, None], sin_B1D[:, None]
+        cos_B11D, signed_sin_B11D = cos_B1D[:, None], _signed_sin(sin_B1D[:, None])
         attend_B11L = None if attend_BL is None else attend_BL[:, None, None, :]
         for layer, cache_layer in zip(self.layers, cache.layers):
-            hidden_B1H = layer(hidden_B1H, cos_B11D, sin_B11D, attend_B11L, cache_layer)
+            hidden_B1H = layer(hidden_B1H, cos_B11D, signed_sin_B11D, attend_B11L, cache_layer)
         return packed_linear(self.head, self.head_bias, self.norm(hidden_B1H))[:, -1]
 
 
