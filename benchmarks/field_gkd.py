@@ -1,6 +1,6 @@
 """Against the field: one on-policy distillation step in TRL's `GKDTrainer` vs in gopd, per-step time and peak memory.
 
-    python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 256] [--steps 3]
+    python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 256] [--steps 3] [--rounds 2]
                                     [--vocab 32000] [--only gopd|trl] [--trl-allocator system|both]
 
 1. Models: the zoo `perf` preset (built into `benchmarks/.cache/zoo-perf` if its manifest is
@@ -20,6 +20,9 @@
    lam = 1, where the G-OPD advantage teacher - student is the per-token reverse-KL estimator.
 4. Each side runs in its own fresh subprocess (peak RSS is that process's `ru_maxrss`), with
    `warm-up + steps` steps; the warm-up is reported apart, the median of the rest is compared.
+   With `--rounds N` (default 2) each side runs N such processes, the sides taking turns (gopd, TRL,
+   TRL on gopd's malloc, then again), so that a slow spell of this shared machine falls on every
+   side; the median is over all rounds' measured steps, each round's median is kept beside it.
    speedup = TRL median / gopd median; the target is >= 2x.
 5. Allocator: gopd's side runs on the malloc the `gopd` command picks (`gopd_core.allocator`:
    jemalloc where `libjemalloc.so.2` is installed, else the system's; GOPD_ALLOCATOR overrides).
@@ -202,6 +205,24 @@ def run_side(name: str, python: Path, script: Path, settings_path: Path, env: di
     return result
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One side's rounds as one result: per-step lists joined, medians over all of them, the highest peak
+    RSS, each round's median kept (`round_median_step_s`)."""
+    merged = dict(results[0])
+    for key in ("step_s", "step_cpu_s", "stages_s", "generate_s", "tokens_per_step"):
+        if key in merged:
+            merged[key] = [value for result in results for value in result[key]]
+    merged["median_step_s"] = statistics.median(merged["step_s"])
+    merged["median_step_cpu_s"] = statistics.median(merged["step_cpu_s"])
+    merged["peak_rss_mb"] = max(result["peak_rss_mb"] for result in results)
+    merged["round_median_step_s"] = [result["median_step_s"] for result in results]
+    merged["warmup_step_s"] = [result["warmup_step_s"] for result in results]
+    merged["process_wall_s"] = [result["process_wall_s"] for result in results]
+    merged["mean_response_tokens"] = statistics.mean(result["mean_response_tokens"] for result in results)
+    merged["loadavg_after"] = results[-1]["loadavg_after"]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="zoo with student-base and teacher-math")
@@ -212,14 +233,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--vocab", type=int, help="widen both models' vocabulary to this many rows (e.g. 32000)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, 8 new tokens, 1 measured step")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="fresh processes per side, taking turns; the medians are over every round's steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batch 2, 8 new tokens, 1 measured step, 1 round")
     parser.add_argument("--only", choices=["gopd", "trl"], help="run one side only (no speedup)")
     parser.add_argument("--trl-allocator", choices=["system", "both"], default="both",
                         help="TRL on the system malloc (as it ships), or also on gopd's (jemalloc where installed)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.max_new_tokens, args.steps = 2, 8, 1
+        args.batch, args.max_new_tokens, args.steps, args.rounds = 2, 8, 1, 1
     manifest = ensure_zoo(args.zoo)
     zoo = args.zoo.resolve()
     models_dir = widen_vocabulary(zoo, args.vocab) if args.vocab else zoo
@@ -230,19 +254,23 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": args.threads, "seed": 0, "output_dir": str(Path(scratch) / "trl"), "scratch": scratch}
         settings_path = Path(scratch) / "settings.json"
         settings_path.write_text(json.dumps(settings))
-        sides = {}
         # gopd on the malloc its command picks; TRL as it ships (below), and again on gopd's
         gopd_env = child_environment(os.environ.get(ALLOCATOR_VARIABLE, "auto"), _quiet_env(args.threads))
-        if args.only != "trl":
-            sides["gopd"] = run_side("gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py", settings_path,
-                                     gopd_env)
-        if args.only != "gopd":
-            trl_python = ensure_trl_venv()
-            sides["trl"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py", settings_path,
-                                    child_environment("system", _quiet_env(args.threads)))
-            if args.trl_allocator == "both" and "LD_PRELOAD" in gopd_env:
-                sides["trl_gopd_allocator"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py",
-                                                       settings_path, gopd_env)
+        trl_python = ensure_trl_venv() if args.only != "gopd" else None
+        rounds: list[dict[str, dict]] = []
+        for _ in range(args.rounds):  # the sides take turns, so a slow spell of the machine falls on both
+            sides = {}
+            if args.only != "trl":
+                sides["gopd"] = run_side("gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py",
+                                         settings_path, gopd_env)
+            if trl_python is not None:
+                sides["trl"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py", settings_path,
+                                        child_environment("system", _quiet_env(args.threads)))
+                if args.trl_allocator == "both" and "LD_PRELOAD" in gopd_env:
+                    sides["trl_gopd_allocator"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py",
+                                                           settings_path, gopd_env)
+            rounds.append(sides)
+        sides = {name: merge_rounds([sides[name] for sides in rounds]) for name in rounds[0]}
     report = {
         "benchmark": "field_gkd", "trl_version": sides.get("trl", {}).get("trl_version"),
         "models": {role: {"path": settings[role], "parameters": parameter_count(Path(settings[role]))}
@@ -250,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_size": args.vocab or 259,
         "zoo_preset": manifest.get("preset"), "prompts": settings["prompts"], "batch": args.batch,
         "samples_per_prompt": 1, "max_new_tokens": args.max_new_tokens, "measured_steps": args.steps,
-        "threads": args.threads, "dtype": "float32", "quick": args.quick, "cpu_count": os.cpu_count(), **sides,
+        "rounds": args.rounds, "threads": args.threads, "dtype": "float32", "quick": args.quick,
+        "cpu_count": os.cpu_count(), **sides,
     }
     if "gopd" in sides:
         report["passes_gflop_per_step"] = pass_gflop(Path(settings["student"]), Path(settings["teacher"]),

@@ -509,7 +509,8 @@ def _field_text(field: dict) -> str:
         blocks.append(f"`{run['command']}` ({run['seconds']} s):\n\n```json\n{json.dumps(result, indent=2)}\n```")
     return "\n".join([
         "Each row is one run of `benchmarks/field_gkd.py` by perf.py (its JSON is below): median wall seconds "
-        "per step over the measured steps, the warm-up apart; speedup = TRL / gopd (target 2x). gopd runs on the "
+        "per step over the measured steps of every round (each side runs in a fresh process per round, the sides "
+        "taking turns; `round_median_step_s` in the JSON gives each round's), the warm-ups apart; speedup = TRL / gopd (target 2x). gopd runs on the "
         "malloc its command picks (`gopd_core/allocator.py`: jemalloc where installed); TRL runs on the system "
         "malloc as it ships, and again on gopd's (the next column, TRL step seconds in brackets). A target holds "
         "only if both speedups reach 2x.", "",
