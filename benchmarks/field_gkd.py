@@ -116,28 +116,26 @@ def widen_vocabulary(zoo: Path, vocab: int) -> Path:
     return widened
 
 
-def parameter_count(model_dir: Path) -> int:
-    """Parameters stored in a model directory's safetensors (tied embeddings are stored once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in model_dir.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as tensors:
-            for key in tensors.keys():
-                shape = tensors.get_slice(key).get_shape()
-                total += math.prod(shape)
-    return total
-
-
-def weight_split(model_dir: Path) -> dict[str, int]:
-    """Parameters a forward pass multiplies at every position ("body": all but the embeddings) and at the
-    positions whose logits it needs ("head": the LM head, tied or not), from the safetensors shapes."""
+def _weight_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Every stored tensor's shape, from the safetensors headers (tied embeddings are stored once)."""
     from safetensors import safe_open
 
     shapes = {}
     for path in model_dir.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as tensors:
             shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
+    return shapes
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in a model directory's safetensors."""
+    return sum(math.prod(shape) for shape in _weight_shapes(model_dir).values())
+
+
+def weight_split(model_dir: Path) -> dict[str, int]:
+    """Parameters a forward pass multiplies at every position ("body": all but the embeddings) and at the
+    positions whose logits it needs ("head": the LM head, tied or not)."""
+    shapes = _weight_shapes(model_dir)
     embedding = next(math.prod(shape) for key, shape in shapes.items() if key.endswith("embed_tokens.weight"))
     untied_head = math.prod(shapes.get("lm_head.weight", [0]))
     return {"body": sum(math.prod(shape) for shape in shapes.values()) - embedding - untied_head,
@@ -242,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="TRL on the system malloc (as it ships), or also on gopd's (jemalloc where installed)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.quick:
         args.batch, args.max_new_tokens, args.steps, args.rounds = 2, 8, 1, 1
     manifest = ensure_zoo(args.zoo)
