@@ -187,7 +187,8 @@ def _quiet_env(threads: int = 2) -> dict[str, str]:
 
 
 def run_side(name: str, python: Path, script: Path, settings_path: Path, env: dict[str, str]) -> dict:
-    """Run one side's script in a fresh process; returns its RESULT JSON plus load averages and total wall."""
+    """Run one side's script in a fresh process; returns its RESULT JSON plus load averages and total wall
+    (`merge_rounds` adds the medians)."""
     load_before = os.getloadavg()
     started = time.perf_counter()
     done = subprocess.run([str(python), str(script), str(settings_path)], cwd=REPO, env=env,
@@ -198,14 +199,12 @@ def run_side(name: str, python: Path, script: Path, settings_path: Path, env: di
         raise RuntimeError(f"the {name} side failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     result.update(process_wall_s=wall, loadavg_before=load_before, loadavg_after=os.getloadavg())
-    result["median_step_s"] = statistics.median(result["step_s"])
-    result["median_step_cpu_s"] = statistics.median(result["step_cpu_s"])
     return result
 
 
 def merge_rounds(results: list[dict]) -> dict:
-    """One side's rounds as one result: per-step lists joined, medians over all of them, the highest peak
-    RSS, each round's median kept (`round_median_step_s`)."""
+    """One side's rounds (`run_side` results) as one: per-step lists joined, medians over all of them, the
+    highest peak RSS; each round's median step, warm-up and process wall kept as lists."""
     merged = dict(results[0])
     for key in ("step_s", "step_cpu_s", "stages_s", "generate_s", "tokens_per_step"):
         if key in merged:
@@ -213,7 +212,7 @@ def merge_rounds(results: list[dict]) -> dict:
     merged["median_step_s"] = statistics.median(merged["step_s"])
     merged["median_step_cpu_s"] = statistics.median(merged["step_cpu_s"])
     merged["peak_rss_mb"] = max(result["peak_rss_mb"] for result in results)
-    merged["round_median_step_s"] = [result["median_step_s"] for result in results]
+    merged["round_median_step_s"] = [statistics.median(result["step_s"]) for result in results]
     merged["warmup_step_s"] = [result["warmup_step_s"] for result in results]
     merged["process_wall_s"] = [result["process_wall_s"] for result in results]
     merged["mean_response_tokens"] = statistics.mean(result["mean_response_tokens"] for result in results)
