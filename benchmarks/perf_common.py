@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gopd_core.allocator import loaded_allocator
+from gopd_core.rollout import native
 
 REPO = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO / "benchmarks" / ".cache" / "zoo-perf"
@@ -57,6 +58,7 @@ def machine() -> dict:
         "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
+        "native_decode_kernel": "yes" if native.available() else f"no ({native.unavailable_reason() or 'build failed'})",
     }
 
 

@@ -42,7 +42,7 @@ from gopd_core.pipeline import (
     score_stage,
     student_scored_in_update,
 )
-from gopd_core.rollout import SamplingParams
+from gopd_core.rollout import SamplingParams, native
 from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cache
 from gopd_core.rollout.lean_decode import LeanDecoder, _fused_norm
 from gopd_core.rollout.sampling import TokenSampler
@@ -103,14 +103,17 @@ def test_reserved_layer_matches_the_dynamic_layer():
     dynamic.update(*prefill)
     reserved = ReservedLayer(*prefill, capacity=7)  # room for 2 tokens: the third step must grow it
     reserved.batch_repeat_interleave(2), dynamic.batch_repeat_interleave(2)
-    for step in range(6):
-        new = torch.randn(8 if step < 3 else 5, 2, 1, 8), torch.randn(8 if step < 3 else 5, 2, 1, 8)
+    rows_per_step = [8, 8, 8, 5, 5, 4, 3, 3]  # after each selection below
+    for step, rows in enumerate(rows_per_step):
+        new = torch.randn(rows, 2, 1, 8), torch.randn(rows, 2, 1, 8)
         out_reserved, out_dynamic = reserved.update(*new), dynamic.update(*new)
         assert all(torch.equal(a, b) for a, b in zip(out_reserved, out_dynamic))
         assert reserved.get_seq_length() == dynamic.get_seq_length() == 6 + step
-        if step == 2:  # three rows finish
-            keep = torch.tensor([0, 2, 3, 5, 7])
-            reserved.batch_select_indices(keep), dynamic.batch_select_indices(keep)
+        keep = {2: [0, 2, 3, 5, 7],  # three rows finish: kept rows move up in place
+                4: [0, 1, 3, 4],  # the first rows stay where they are
+                5: [3, 0, 1]}.get(step)  # not ascending: gathered into a new buffer
+        if keep is not None:
+            reserved.batch_select_indices(torch.tensor(keep)), dynamic.batch_select_indices(torch.tensor(keep))
 
 
 SMALL = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -131,8 +134,13 @@ def _prefilled(model, prompts: list[list[int]], new_tokens: int):
     return out.past_key_values, out.logits[:, -1], mask_BL, positions_BL[:, -1] + 1
 
 
+@pytest.mark.parametrize("kernel", ["native", "onednn"])
 @pytest.mark.parametrize("architecture", sorted(LEAN_ARCHITECTURES))
-def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture):
+def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, kernel, monkeypatch):
+    if kernel == "onednn":  # the fallback where the native kernel cannot run
+        monkeypatch.setattr(native, "available", lambda: False)
+    else:
+        assert native.available(), native.unavailable_reason() or "the native kernel's build failed"
     model_class, config = LEAN_ARCHITECTURES[architecture]
     torch.manual_seed(3)
     model = model_class(config).eval()

@@ -4,14 +4,16 @@ A decode step multiplies a few rows by every weight; on a CPU the matmuls are bo
 weights, and transformers' layer-by-layer Python (masks rebuilt each step, one call per projection,
 seven linears per layer) adds as much again. `LeanDecoder` runs the same arithmetic with less around it:
 1. At the start of a rollout, per layer, q/k/v are concatenated into one weight and gate/up into
-   another, and every weight is reordered once for oneDNN (`models.prepacked_linears` does the same
-   for the stock modules): four linears per layer instead of seven.
+   another (four linears per layer instead of seven), each stored once for the native small-batch
+   kernel (`native.BlockedLinear`), or reordered for oneDNN where that kernel cannot run here
+   (`models.prepacked_linears` does the same for the stock modules).
 2. Each step: embed the new tokens; rotary cos/sin from the model's own rotary module (so every
    RoPE variant it implements applies); per layer, the RMSNorms (and Qwen3's per-head q/k norms) as
    one fused `F.rms_norm` each where that reproduces the model's module (`_fused_norm`, else the
    module itself), the fused projections, rotate-half RoPE on queries and keys together in three
-   ops, the new key/value written in place into the rollout's `ReservedLayer`, SDPA over the cache
-   with the left-padding mask, and the SwiGLU MLP; then the final norm and the LM head.
+   ops, the new key/value written in place into the rollout's `ReservedLayer`, attention over the
+   cache with the left-padding mask (`native.decode_attention`, else SDPA), and the SwiGLU MLP; then
+   the final norm and the LM head.
 3. Models it does not cover decode through transformers as before (`LeanDecoder.supports`): other
    architectures, sliding-window layers, non-SiLU MLPs, partial rotary, logit transforms, anything
    off the CPU or not float32.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from gopd_core.head_logprobs import logit_transform
 from gopd_core.models import onednn_packable, pack_linear_weight, packed_linear
+from gopd_core.rollout import native
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -34,6 +37,16 @@ def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
         return None
     return torch.cat([linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
                       for linear in linears])
+
+
+def _decode_linear(weights: list[torch.Tensor], biases: torch.Tensor | None):
+    """x @ cat(weights).T + biases for decode steps: the native small-batch kernel where it runs
+    (`native.BlockedLinear`), else oneDNN's prepacked one."""
+    weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+    if native.available():
+        return native.BlockedLinear(weight, biases)
+    packed = pack_linear_weight(weight)
+    return lambda inputs: packed_linear(packed, biases, inputs)
 
 
 def _rotate(states_B1XD: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor) -> torch.Tensor:
@@ -82,29 +95,35 @@ class _Layer:
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
-        self.qkv = pack_linear_weight(torch.cat([linear.weight for linear in qkv]))
-        self.qkv_bias = _fused_bias(qkv)
-        self.out, self.out_bias = pack_linear_weight(attention.o_proj.weight), _fused_bias([attention.o_proj])
-        self.gate_up = pack_linear_weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.gate_up_bias = _fused_bias([mlp.gate_proj, mlp.up_proj])
-        self.down, self.down_bias = pack_linear_weight(mlp.down_proj.weight), _fused_bias([mlp.down_proj])
+        self.qkv = _decode_linear([linear.weight for linear in qkv], _fused_bias(qkv))
+        self.out = _decode_linear([attention.o_proj.weight], _fused_bias([attention.o_proj]))
+        self.gate_up = _decode_linear([mlp.gate_proj.weight, mlp.up_proj.weight], _fused_bias([mlp.gate_proj, mlp.up_proj]))
+        self.down = _decode_linear([mlp.down_proj.weight], _fused_bias([mlp.down_proj]))
+        self.native_attention = native.attention_supported(self.head_dim)
 
     def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor,
-                 attend_B11L: torch.Tensor | None, cache_layer) -> torch.Tensor:
+                 attend_BL: torch.Tensor | None, cache_layer) -> torch.Tensor:
         batch, dim, heads = hidden_B1H.shape[0], self.head_dim, self.heads
-        qkv_B1X = packed_linear(self.qkv, self.qkv_bias, self.input_norm(hidden_B1H))
+        qkv_B1X = self.qkv(self.input_norm(hidden_B1H))
         qk_B1X, v_B1X = qkv_B1X.split([(heads + self.kv_heads) * dim, self.kv_heads * dim], dim=-1)
         qk_B1QD = qk_B1X.view(batch, 1, heads + self.kv_heads, dim)  # Q = query heads then key heads
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
             qk_B1QD = torch.cat((self.q_norm(qk_B1QD[:, :, :heads]), self.k_norm(qk_B1QD[:, :, heads:])), dim=2)
         qk_B1QD = _rotate(qk_B1QD, cos_B11D, signed_sin_B11D)
-        q_BH1D, k_BK1D = qk_B1QD[:, :, :heads].transpose(1, 2), qk_B1QD[:, :, heads:].transpose(1, 2)
-        keys_BKLD, values_BKLD = cache_layer.update(k_BK1D, v_B1X.view(batch, 1, self.kv_heads, dim).transpose(1, 2))
-        attended_BH1D = F.scaled_dot_product_attention(q_BH1D, keys_BKLD, values_BKLD, attn_mask=attend_B11L,
-                                                       scale=self.scaling, enable_gqa=self.kv_heads != heads)
-        hidden_B1H = hidden_B1H + packed_linear(self.out, self.out_bias, attended_BH1D.transpose(1, 2).reshape(batch, 1, -1))
-        gate_B1I, up_B1I = packed_linear(self.gate_up, self.gate_up_bias, self.post_norm(hidden_B1H)).chunk(2, dim=-1)
-        return hidden_B1H.add_(packed_linear(self.down, self.down_bias, F.silu(gate_B1I).mul_(up_B1I)))
+        values_BK1D = v_B1X.view(batch, 1, self.kv_heads, dim).transpose(1, 2)
+        keys_BKLD, values_BKLD = cache_layer.update(qk_B1QD[:, :, heads:].transpose(1, 2), values_BK1D)
+        if self.native_attention:
+            attended_B1X = native.decode_attention(qk_B1QD[:, 0, :heads], keys_BKLD, values_BKLD, attend_BL,
+                                                   self.scaling)[:, None]
+        else:
+            attend_B11L = None if attend_BL is None else attend_BL[:, None, None, :]
+            attended_BH1D = F.scaled_dot_product_attention(qk_B1QD[:, :, :heads].transpose(1, 2), keys_BKLD,
+                                                           values_BKLD, attn_mask=attend_B11L, scale=self.scaling,
+                                                           enable_gqa=self.kv_heads != heads)
+            attended_B1X = attended_BH1D.transpose(1, 2).reshape(batch, 1, -1)
+        hidden_B1H = hidden_B1H + self.out(attended_B1X)
+        gate_B1I, up_B1I = self.gate_up(self.post_norm(hidden_B1H)).chunk(2, dim=-1)
+        return hidden_B1H.add_(self.down(F.silu(gate_B1I).mul_(up_B1I)))
 
 
 class LeanDecoder:
@@ -116,7 +135,7 @@ class LeanDecoder:
         body = model.model
         self.embed, self.rotary, self.norm = body.embed_tokens, body.rotary_emb, _fused_norm(body.norm)
         self.layers = [_Layer(layer) for layer in body.layers]
-        self.head, self.head_bias = pack_linear_weight(model.lm_head.weight), _fused_bias([model.lm_head])
+        self.head = _decode_linear([model.lm_head.weight], _fused_bias([model.lm_head]))
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -143,10 +162,10 @@ class LeanDecoder:
         hidden_B1H = self.embed(tokens_B[:, None])
         cos_B1D, sin_B1D = self.rotary(hidden_B1H, positions_B[:, None])
         cos_B11D, signed_sin_B11D = cos_B1D[:, None], _signed_sin(sin_B1D[:, None])
-        attend_B11L = None if attend_BL is None else attend_BL[:, None, None, :]
+        attend_BL = None if attend_BL is None else attend_BL.contiguous()
         for layer, cache_layer in zip(self.layers, cache.layers):
-            hidden_B1H = layer(hidden_B1H, cos_B11D, signed_sin_B11D, attend_B11L, cache_layer)
-        return packed_linear(self.head, self.head_bias, self.norm(hidden_B1H))[:, -1]
+            hidden_B1H = layer(hidden_B1H, cos_B11D, signed_sin_B11D, attend_BL, cache_layer)
+        return self.head(self.norm(hidden_B1H))[:, -1]
 
 
 def _standard_layer(layer: torch.nn.Module) -> bool:

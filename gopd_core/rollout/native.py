@@ -1,0 +1,170 @@
+"""The decode step's linears as one native small-batch kernel (`small_gemm.c`), where this CPU can run it.
+
+A decode step multiplies a few rows (the live batch) by every weight, so it is bound by reading the
+weights from memory. oneDNN's prepacked kernel streams them at 12-19 GB/s at 1-8 rows on the perf
+machine (2-core EPYC, 26-28 GB/s for a plain read); `small_gemm.c` reads each weight once, in order,
+with 4 rows sharing each load: 25-27 GB/s at 1-4 rows, 16-17 at 8, and never slower than oneDNN up to
+64 rows (`benchmarks/perf.py`'s rollout section measures the whole step).
+
+1. On first use the C file is compiled with the system C compiler (`CC`, else `cc`/`gcc`; -O3 -mavx2
+   -mfma -fopenmp, well under a second) into `GOPD_NATIVE_CACHE` (default ~/.cache/gopd/native),
+   named by the source's hash, written to a temporary name and renamed into place.
+2. `BlockedLinear` stores a weight once as (ceil(N/16), K, 16) blocks and calls the kernel through
+   ctypes on contiguous float32 buffers; `decode_attention` is one query per row attending over a KV
+   cache (grouped-query too), softmax in float32. Both use `torch.get_num_threads()` OpenMP threads of
+   the runtime torch has already loaded (same soname).
+3. Nothing here is required: `available()` is False off x86-64 Linux, without AVX2/FMA, without a C
+   compiler, when the build fails (a warning gives the compiler's message), or with
+   GOPD_NATIVE_KERNELS=0; callers then use oneDNN's prepacked kernel as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("small_gemm.c")
+BLOCK = 16  # output columns per weight block, as in small_gemm.c
+SWITCH = "GOPD_NATIVE_KERNELS"
+CACHE = "GOPD_NATIVE_CACHE"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def unavailable_reason() -> str | None:
+    """Why this machine cannot use the native kernel, or None if it can (before building it)."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"{SWITCH}=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    if _compiler() is None:
+        return "no C compiler (set CC, or install gcc)"
+    return None
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
+        partial = Path(handle.name)
+    try:
+        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(partial, target)  # a concurrent build renames an identical file
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if unavailable_reason() is not None:
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get(CACHE) or Path.home() / ".cache" / "gopd" / "native")
+    target = root / f"small_gemm-{digest}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        warnings.warn(f"native decode kernel unavailable, using oneDNN instead: building {SOURCE} failed: {detail}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.small_gemm.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int]
+    library.small_gemm.restype = None
+    library.decode_attention.argtypes = [pointer, size, size, size, size, size, pointer, size, size, pointer, size,
+                                         size, size, pointer, size, ctypes.c_float, pointer, ctypes.c_int]
+    library.decode_attention.restype = None
+    return library
+
+
+def available() -> bool:
+    """Whether `BlockedLinear` runs here (builds the kernel on first call)."""
+    return _library() is not None
+
+
+class BlockedLinear:
+    """inputs @ weight.T + bias through `small_gemm.c` (no backward); the weight is copied once into blocks."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if not available():
+            raise RuntimeError(f"the native decode kernel is unavailable here: {unavailable_reason() or 'its build failed'}")
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"BlockedLinear takes a 2-D float32 CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+        pad = -self.out_features % BLOCK
+        padded_NK = F.pad(weight.detach(), (0, 0, 0, pad))
+        # (N, K) -> (N/16, 16, K) -> (N/16, K, 16): each k's 16 weights of a block side by side
+        self.blocks = padded_NK.view(-1, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        self.bias = None if bias is None else F.pad(bias.detach().float(), (0, pad)).contiguous()
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.shape[-1] != self.in_features or inputs.dtype != torch.float32:
+            raise ValueError(f"expected float32 inputs (..., {self.in_features}), got {inputs.dtype} "
+                             f"{tuple(inputs.shape)}")
+        rows_MK = inputs.reshape(-1, self.in_features).contiguous()
+        out_MN = rows_MK.new_empty((rows_MK.shape[0], self.out_features))
+        if rows_MK.shape[0]:
+            _library().small_gemm(rows_MK.data_ptr(), rows_MK.shape[0], self.in_features, self.blocks.data_ptr(),
+                                  self.out_features, None if self.bias is None else self.bias.data_ptr(),
+                                  out_MN.data_ptr(), torch.get_num_threads())
+        return out_MN.view(*inputs.shape[:-1], self.out_features)
+
+
+def attention_supported(head_dim: int) -> bool:
+    """Whether `decode_attention` covers heads of `head_dim` (a multiple of 8) here."""
+    return available() and head_dim % 8 == 0
+
+
+def decode_attention(queries_BQD: torch.Tensor, keys_BKLD: torch.Tensor, values_BKLD: torch.Tensor,
+                     attend_BL: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Each row's one new query per head attending over its cache: (B, H * D), heads side by side.
+
+    queries_BQD: (B, H, D), each row's heads contiguous (a row may be strided, as a slice of the qkv output).
+    keys_BKLD / values_BKLD: (B, Hkv, L, D) with contiguous (L, D) per head, e.g. views of a reserved cache
+    buffer; H must be a multiple of Hkv (grouped-query attention). attend_BL: bool, True where a row may
+    attend; None for everywhere. Softmax in float32, as SDPA's; a row with nothing to attend gives zeros.
+    """
+    batch, heads, dim = queries_BQD.shape
+    kv_heads, length = keys_BKLD.shape[1], keys_BKLD.shape[2]
+    if queries_BQD.stride(2) != 1 or queries_BQD.stride(1) != dim or heads % kv_heads:
+        raise ValueError(f"queries {tuple(queries_BQD.shape)} with strides {queries_BQD.stride()}: each row's "
+                         f"heads must be contiguous and their count a multiple of {kv_heads} kv heads")
+    if keys_BKLD.stride()[2:] != (dim, 1) or values_BKLD.stride()[2:] != (dim, 1) or values_BKLD.shape != keys_BKLD.shape:
+        raise ValueError(f"keys/values {tuple(keys_BKLD.shape)} / {tuple(values_BKLD.shape)} with strides "
+                         f"{keys_BKLD.stride()} / {values_BKLD.stride()}: each head's (L, D) block must be contiguous")
+    mask = None if attend_BL is None else attend_BL.to(torch.bool).contiguous()
+    out_BX = queries_BQD.new_empty((batch, heads * dim))
+    _library().decode_attention(queries_BQD.data_ptr(), queries_BQD.stride(0), batch, heads, kv_heads, dim,
+                                keys_BKLD.data_ptr(), keys_BKLD.stride(0), keys_BKLD.stride(1), values_BKLD.data_ptr(),
+                                values_BKLD.stride(0), values_BKLD.stride(1), length,
+                                None if mask is None else mask.data_ptr(),
+                                0 if mask is None else mask.stride(0), scale, out_BX.data_ptr(), torch.get_num_threads())
+    return out_BX

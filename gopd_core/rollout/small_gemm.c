@@ -1,0 +1,176 @@
+/* y (M, N) = x (M, K) @ W.T + bias for the few rows of a decode step (float32, AVX2 + FMA, OpenMP).
+ *
+ * W is stored blocked, (ceil(N / 16), K, 16): for each k the 16 weights of a column block sit side by
+ * side, so one pass over a block reads it once, in order, while up to 4 input rows share each load
+ * (8 accumulators of 8 floats). Blocks are split across threads; a block's rows after the first 4 are
+ * served from cache. Columns past N in the last block are zero weights and are never stored.
+ * Built by gopd_core/rollout/native.py; called through ctypes on contiguous float32 buffers.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 16
+#define ROWS 4
+
+/* One block's outputs for `rows` <= ROWS input rows into out (rows, BLOCK). Always inlined and called
+ * with a constant `rows` (see `tile_rows`), so the row loops unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tile(const int rows, const float *x, int64_t K, const float *w,
+                                                       const float *bias, float *out) {
+    __m256 a0[ROWS], a1[ROWS];
+    __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    for (int r = 0; r < rows; ++r) { a0[r] = b0; a1[r] = b1; }
+    for (int64_t k = 0; k < K; ++k) {
+        _mm_prefetch((const char *)(w + k * BLOCK + 512), _MM_HINT_T0);
+        __m256 w0 = _mm256_loadu_ps(w + k * BLOCK), w1 = _mm256_loadu_ps(w + k * BLOCK + 8);
+        for (int r = 0; r < rows; ++r) {
+            __m256 s = _mm256_broadcast_ss(x + r * K + k);
+            a0[r] = _mm256_fmadd_ps(s, w0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(s, w1, a1[r]);
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        _mm256_storeu_ps(out + r * BLOCK, a0[r]);
+        _mm256_storeu_ps(out + r * BLOCK + 8, a1[r]);
+    }
+}
+
+static void tile_rows(int rows, const float *x, int64_t K, const float *w, const float *bias, float *out) {
+    switch (rows) {
+    case 1: tile(1, x, K, w, bias, out); break;
+    case 2: tile(2, x, K, w, bias, out); break;
+    case 3: tile(3, x, K, w, bias, out); break;
+    default: tile(ROWS, x, K, w, bias, out); break;
+    }
+}
+
+/* x: (M, K); w: (ceil(N / 16), K, 16); bias: (ceil(N / 16) * 16) or NULL; y: (M, N); threads: torch's count. */
+void small_gemm(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias, float *y,
+                int threads) {
+    int64_t blocks = (N + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+        float out[ROWS * BLOCK];
+        int64_t first = b * BLOCK, width = N - first < BLOCK ? N - first : BLOCK;
+        for (int64_t m = 0; m < M; m += ROWS) {
+            int rows = M - m < ROWS ? (int)(M - m) : ROWS;
+            tile_rows(rows, x + m * K, K, w + b * K * BLOCK, bias ? bias + first : NULL, out);
+            for (int r = 0; r < rows; ++r)
+                memcpy(y + (m + r) * N + first, out + r * BLOCK, (size_t)width * sizeof(float));
+        }
+    }
+}
+
+/* e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp on [-87, 88]). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+
+/* The 8 sums of a[0..7]'s lanes, in order. */
+static inline __m256 sums8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+/* One query head over its L cached keys/values into o (D = 8 * chunks); p: L + 8 floats of scratch.
+ * Always inlined and called with a constant `chunks` where it can be, so the loops over D unroll. */
+static inline __attribute__((always_inline)) void attend_head(const int chunks, const float *qh, const float *k,
+                                                              const float *v, int64_t L, const unsigned char *m,
+                                                              float scale, float *p, float *o) {
+    const int64_t D = 8 * (int64_t)chunks;
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) {  /* scores, 8 keys at a time: one accumulator each */
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+        for (int c = 0; c < chunks; ++c) {
+            __m256 qc = _mm256_loadu_ps(qh + c * 8);
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (l + j) * D + c * 8), acc[j]);
+        }
+        _mm256_storeu_ps(p + l, _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale)));
+    }
+    for (; l < L; ++l) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int c = 0; c < chunks; ++c)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8), _mm256_loadu_ps(k + l * D + c * 8), acc);
+        p[l] = hsum8(acc) * scale;
+    }
+    float top = -INFINITY;
+    for (l = 0; l < L; ++l)
+        if ((!m || m[l]) && p[l] > top) top = p[l];
+    if (top == -INFINITY) {  /* nothing to attend: zeros */
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+        return;
+    }
+    __m256 shift = _mm256_set1_ps(top), total = _mm256_setzero_ps();
+    for (l = L; l < L + 8; ++l) p[l] = -INFINITY;  /* the last group's spare lanes give e^-87, zeroed below */
+    for (l = 0; l < L; l += 8) _mm256_storeu_ps(p + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), shift)));
+    for (l = L; l < L + 8; ++l) p[l] = 0.0f;
+    if (m)
+        for (l = 0; l < L; ++l)
+            if (!m[l]) p[l] = 0.0f;
+    for (l = 0; l < L; l += 8) total = _mm256_add_ps(total, _mm256_loadu_ps(p + l));
+    __m256 acc[chunks];
+    for (int c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
+    for (l = 0; l < L; ++l) {  /* sum_l p_l v_l, one pass over the values */
+        __m256 weight = _mm256_set1_ps(p[l]);
+        for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + l * D + c * 8), acc[c]);
+    }
+    __m256 inverse = _mm256_set1_ps(1.0f / hsum8(total));
+    for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(o + c * 8, _mm256_mul_ps(acc[c], inverse));
+}
+
+/* Attention of one new query per row over a KV cache (a decode step), softmax in float32.
+ * q: row b, head h at q + b * q_stride + h * D; keys: row b, kv head g, position l at
+ * keys + b * k_stride_b + g * k_stride_h + l * D, values alike with v_strides; query head h reads kv
+ * head h / (H / Hkv).
+ * mask: (B, mask_stride) bytes, nonzero where row b may attend position l; NULL attends everywhere.
+ * out: (B, H, D). D is a multiple of 8. threads: torch's count. */
+void decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                      const float *keys, int64_t k_stride_b, int64_t k_stride_h, const float *values,
+                      int64_t v_stride_b, int64_t v_stride_h, int64_t L,
+                      const unsigned char *mask, int64_t mask_stride, float scale, float *out, int threads) {
+    int64_t group = H / Hkv;
+    int chunks = (int)(D / 8);
+#pragma omp parallel num_threads(threads)
+    {
+        float *p = (float *)malloc((size_t)(L + 8) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            int64_t b = bh / H, g = (bh % H) / group;
+            const float *k = keys + b * k_stride_b + g * k_stride_h, *v = values + b * v_stride_b + g * v_stride_h;
+            const float *qh = q + b * q_stride + (bh % H) * D;
+            const unsigned char *m = mask ? mask + b * mask_stride : NULL;
+            switch (chunks) {
+            case 2: attend_head(2, qh, k, v, L, m, scale, p, out + bh * D); break;
+            case 4: attend_head(4, qh, k, v, L, m, scale, p, out + bh * D); break;
+            case 8: attend_head(8, qh, k, v, L, m, scale, p, out + bh * D); break;
+            case 16: attend_head(16, qh, k, v, L, m, scale, p, out + bh * D); break;
+            default: attend_head(chunks, qh, k, v, L, m, scale, p, out + bh * D); break;
+            }
+        }
+        free(p);
+    }
+}

@@ -1,0 +1,93 @@
+"""The native small-batch kernel of the decode step (`gopd_core/rollout/native.py`, `small_gemm.c`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gopd_core.rollout import native
+
+
+def test_the_kernel_builds_wherever_the_machine_allows_it():
+    reason = native.unavailable_reason()
+    # on x86-64 Linux with AVX2/FMA and a C compiler a failed build is a bug, not a fallback
+    assert native.available() == (reason is None), reason
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("in_features, out_features", [(32, 48), (61, 13), (100, 259)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocked_linear_matches_torch(rows, in_features, out_features, with_bias):
+    assert native.available(), native.unavailable_reason()
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    inputs = torch.randn(rows, 1, in_features, generator=generator)
+    out = native.BlockedLinear(weight, bias)(inputs)
+    expected = torch.nn.functional.linear(inputs, weight, bias)
+    assert out.shape == (rows, 1, out_features)
+    # columns past the last full block of 16 are computed from zero padding and must not leak
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_blocked_linear_rejects_what_it_cannot_compute():
+    assert native.available(), native.unavailable_reason()
+    linear = native.BlockedLinear(torch.randn(16, 8))
+    with pytest.raises(ValueError, match=r"expected float32 inputs \(\.\.\., 8\)"):
+        linear(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="float32 CPU weight"):
+        native.BlockedLinear(torch.randn(16, 8, dtype=torch.float64))
+    assert linear(torch.randn(0, 8)).shape == (0, 16)
+
+
+def test_the_switch_turns_it_off_in_a_fresh_process():
+    code = "from gopd_core.rollout import native; print(native.available(), native.unavailable_reason())"
+    out = subprocess.run([sys.executable, "-c", code], env={"GOPD_NATIVE_KERNELS": "0", "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False GOPD_NATIVE_KERNELS=0"
+
+
+def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+    broken = tmp_path / "small_gemm.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv(native.CACHE, str(tmp_path / "cache"))
+    native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="building .*small_gemm.c failed"):
+            assert not native.available()
+        assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+    finally:
+        native._library.cache_clear()
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, length", [(4, 2, 16, 13), (16, 16, 32, 250), (8, 8, 64, 7),
+                                                               (6, 3, 8, 1), (2, 1, 128, 9)])
+def test_decode_attention_matches_sdpa_over_a_reserved_cache(heads, kv_heads, head_dim, length):
+    assert native.available(), native.unavailable_reason()
+    generator = torch.Generator().manual_seed(length)
+    batch, capacity = 3, length + 5  # keys/values are views of a longer buffer, as in ReservedLayer
+    qkv_B1X = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, generator=generator) * 3
+    queries_BQD = qkv_B1X.view(batch, heads + 2 * kv_heads, head_dim)[:, :heads]  # strided rows
+    keys_BKLD = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)[:, :, :length] * 2
+    values_BKLD = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)[:, :, :length]
+    attend_BL = torch.ones(batch, length, dtype=torch.bool)
+    attend_BL[0, : length // 2] = False  # left padding
+    attend_BL[1, -1] = length == 1  # a row with nothing to attend when length is 1
+    for mask in (None, attend_BL):
+        out_BX = native.decode_attention(queries_BQD, keys_BKLD, values_BKLD, mask, 0.3)
+        expected_BH1D = torch.nn.functional.scaled_dot_product_attention(
+            queries_BQD[:, :, None], keys_BKLD, values_BKLD, attn_mask=None if mask is None else mask[:, None, None],
+            scale=0.3, enable_gqa=heads != kv_heads)
+        expected_BX = expected_BH1D.reshape(batch, heads * head_dim)
+        live = mask is None or bool(mask[1].any())
+        torch.testing.assert_close(out_BX[[0, 2]], expected_BX[[0, 2]], rtol=1e-5, atol=1e-5)
+        if live:
+            torch.testing.assert_close(out_BX[1], expected_BX[1], rtol=1e-5, atol=1e-5)
+        else:  # SDPA gives NaN there; we give zeros
+            assert torch.equal(out_BX[1], torch.zeros_like(out_BX[1]))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        native.decode_attention(queries_BQD, keys_BKLD.transpose(2, 3), values_BKLD.transpose(2, 3), None, 0.3)
