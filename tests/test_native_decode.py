@@ -36,7 +36,7 @@ def test_blocked_linear_matches_torch(rows, in_features, out_features, with_bias
 def test_blocked_linear_rejects_what_it_cannot_compute():
     assert native.available(), native.unavailable_reason()
     linear = native.BlockedLinear(torch.randn(16, 8))
-    with pytest.raises(ValueError, match=r"expected float32 inputs \(\.\.\., 8\)"):
+    with pytest.raises(ValueError, match=r"expected float32 CPU inputs \(\.\.\., 8\)"):
         linear(torch.randn(2, 7))
     with pytest.raises(ValueError, match="float32 CPU weight"):
         native.BlockedLinear(torch.randn(16, 8, dtype=torch.float64))
@@ -89,5 +89,12 @@ def test_decode_attention_matches_sdpa_over_a_reserved_cache(heads, kv_heads, he
             torch.testing.assert_close(out_BX[1], expected_BX[1], rtol=1e-5, atol=1e-5)
         else:  # SDPA gives NaN there; we give zeros
             assert torch.equal(out_BX[1], torch.zeros_like(out_BX[1]))
+    every_other_BKLD = torch.randn(batch, kv_heads, 2 * length, head_dim)[:, :, ::2]  # positions 2 apart
     with pytest.raises(ValueError, match="must be contiguous"):
-        native.decode_attention(queries_BQD, keys_BKLD.transpose(2, 3), values_BKLD.transpose(2, 3), None, 0.3)
+        native.decode_attention(queries_BQD, every_other_BKLD, values_BKLD, None, 0.3)
+    with pytest.raises(ValueError, match=r"attend_BL .* must be \(rows, cached positions\)"):
+        native.decode_attention(queries_BQD, keys_BKLD, values_BKLD, attend_BL[:, :-1], 0.3)
+    with pytest.raises(ValueError, match="disagree on rows"):
+        native.decode_attention(queries_BQD[:2], keys_BKLD, values_BKLD, None, 0.3)
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        native.decode_attention(queries_BQD.double(), keys_BKLD, values_BKLD, None, 0.3)

@@ -1,4 +1,5 @@
-"""The decode step's linears as one native small-batch kernel (`small_gemm.c`), where this CPU can run it.
+"""Native kernels for the decode step (`small_gemm.c`): its small-batch linears and its attention over the
+KV cache, where this CPU can run them.
 
 A decode step multiplies a few rows (the live batch) by every weight, so it is bound by reading the
 weights from memory. oneDNN's prepacked kernel streams them at 12-19 GB/s at 1-8 rows on the perf
@@ -15,7 +16,9 @@ with 4 rows sharing each load: 25-27 GB/s at 1-4 rows, 16-17 at 8, and never slo
    the runtime torch has already loaded (same soname).
 3. Nothing here is required: `available()` is False off x86-64 Linux, without AVX2/FMA, without a C
    compiler, when the build fails (a warning gives the compiler's message), or with
-   GOPD_NATIVE_KERNELS=0; callers then use oneDNN's prepacked kernel as before.
+   GOPD_NATIVE_KERNELS=0; callers then use oneDNN's prepacked kernel and SDPA as before.
+4. The kernels read raw pointers, so every call checks the shapes, dtypes, device and strides they
+   assume and raises ValueError otherwise.
 """
 
 from __future__ import annotations
@@ -126,9 +129,9 @@ class BlockedLinear:
         self.bias = None if bias is None else F.pad(bias.detach().float(), (0, pad)).contiguous()
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        if inputs.shape[-1] != self.in_features or inputs.dtype != torch.float32:
-            raise ValueError(f"expected float32 inputs (..., {self.in_features}), got {inputs.dtype} "
-                             f"{tuple(inputs.shape)}")
+        if inputs.shape[-1] != self.in_features or inputs.dtype != torch.float32 or inputs.device.type != "cpu":
+            raise ValueError(f"expected float32 CPU inputs (..., {self.in_features}), got {inputs.dtype} "
+                             f"{tuple(inputs.shape)} on {inputs.device}")
         rows_MK = inputs.reshape(-1, self.in_features).contiguous()
         out_MN = rows_MK.new_empty((rows_MK.shape[0], self.out_features))
         if rows_MK.shape[0]:
@@ -154,6 +157,15 @@ def decode_attention(queries_BQD: torch.Tensor, keys_BKLD: torch.Tensor, values_
     """
     batch, heads, dim = queries_BQD.shape
     kv_heads, length = keys_BKLD.shape[1], keys_BKLD.shape[2]
+    tensors = (queries_BQD, keys_BKLD, values_BKLD)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or dim % 8:
+        raise ValueError(f"decode_attention takes float32 CPU tensors with head size a multiple of 8, got "
+                         f"{[(t.dtype, str(t.device)) for t in tensors]}, head size {dim}")
+    if keys_BKLD.shape[0] != batch or keys_BKLD.shape[3] != dim:
+        raise ValueError(f"queries {tuple(queries_BQD.shape)} and keys {tuple(keys_BKLD.shape)} disagree on "
+                         f"rows or head size")
+    if attend_BL is not None and tuple(attend_BL.shape) != (batch, length):
+        raise ValueError(f"attend_BL {tuple(attend_BL.shape)} must be (rows, cached positions) = {(batch, length)}")
     if queries_BQD.stride(2) != 1 or queries_BQD.stride(1) != dim or heads % kv_heads:
         raise ValueError(f"queries {tuple(queries_BQD.shape)} with strides {queries_BQD.stride()}: each row's "
                          f"heads must be contiguous and their count a multiple of {kv_heads} kv heads")
