@@ -376,7 +376,7 @@ OPTIMISATIONS = [
     "26-28 GB/s for a plain read. The kernel (AVX2/FMA, OpenMP on torch's threads, compiled with the system C "
     "compiler on first use, under a second) keeps each weight in (N/16, K, 16) blocks read once per step, "
     "in order, by up to 4 rows per load: 8 layers' weights (103 MB, more than the 32 MB L3) at 1/4/8 rows "
-    "3.8/4.1/5.9 ms vs oneDNN's 5.4/6.9/8.6 ms, never slower up to 64 rows. Its attention takes one "
+    "3.8/4.1/5.9 ms vs oneDNN's 5.4/6.9/8.6 ms, faster up to 24 rows; at 32-64 rows the two are within about 12% either way from run to run (oneDNN's larger tiles catch up). Its attention takes one "
     "query per row over the reserved cache views as they are (grouped-query too), 8 keys per pass, a "
     "vectorised exp and the float32 softmax: 369 vs 613 us per layer at 8 rows x 250 positions. A finished "
     "row now leaves the cache in place, copying only the filled part of the rows that move (indexing the "

@@ -4,8 +4,8 @@ KV cache, where this CPU can run them.
 A decode step multiplies a few rows (the live batch) by every weight, so it is bound by reading the
 weights from memory. oneDNN's prepacked kernel streams them at 12-19 GB/s at 1-8 rows on the perf
 machine (2-core EPYC, 26-28 GB/s for a plain read); `small_gemm.c` reads each weight once, in order,
-with 4 rows sharing each load: 25-27 GB/s at 1-4 rows, 16-17 at 8, and never slower than oneDNN up to
-64 rows (`benchmarks/perf.py`'s rollout section measures the whole step).
+with 4 rows sharing each load: 25-27 GB/s at 1-4 rows, 16-19 at 8, faster than oneDNN up to 24 rows and
+within ~12% of it either way at 32-64 (`benchmarks/perf.py`'s rollout section measures the whole step).
 
 1. On first use the C file is compiled with the system C compiler (`CC`, else `cc`/`gcc`; -O3 -mavx2
    -mfma -fopenmp, well under a second) into `GOPD_NATIVE_CACHE` (default ~/.cache/gopd/native),
