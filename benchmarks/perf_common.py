@@ -45,16 +45,13 @@ def machine() -> dict:
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
         cpu = names[0] if names else cpu
-    else:
-        flags = ""
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(memory_gib, 1),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "native_bf16": any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")),
+        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags()),
         "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),

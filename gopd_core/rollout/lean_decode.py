@@ -162,7 +162,6 @@ class LeanDecoder:
         hidden_B1H = self.embed(tokens_B[:, None])
         cos_B1D, sin_B1D = self.rotary(hidden_B1H, positions_B[:, None])
         cos_B11D, signed_sin_B11D = cos_B1D[:, None], _signed_sin(sin_B1D[:, None])
-        attend_BL = None if attend_BL is None else attend_BL.contiguous()
         for layer, cache_layer in zip(self.layers, cache.layers):
             hidden_B1H = layer(hidden_B1H, cos_B11D, signed_sin_B11D, attend_BL, cache_layer)
         return self.head(self.norm(hidden_B1H))[:, -1]

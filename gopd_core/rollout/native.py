@@ -44,7 +44,8 @@ CACHE = "GOPD_NATIVE_CACHE"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -62,7 +63,7 @@ def unavailable_reason() -> str | None:
         return f"{SWITCH}=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma"} - cpu_flags()
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     if _compiler() is None:
