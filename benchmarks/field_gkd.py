@@ -29,7 +29,8 @@
    TRL runs on the system malloc, as it ships, and (`--trl-allocator both`, the default, when gopd's
    side preloads one) again on gopd's: `speedup_same_allocator`. The verdict takes the smaller one.
 
-What is the same: models, fp32 on the CPU, `threads` torch threads (and OMP_NUM_THREADS, gopd's
+What is the same: models, the precision (float32; bf16 matmuls over float32 weights on both sides where the
+CPU runs bf16 natively: gopd's default there, TRL's `bf16` autocast), `threads` torch threads (and OMP_NUM_THREADS, gopd's
 default OpenMP spin GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY is set) in both, `batch` prompts with one sample each, temperature 1 with top_p 1
 (TRL also top_k 0), `max_new_tokens`, AdamW at the same lr, constant schedule, grad-norm clip 1,
 one optimizer step per step over the whole batch. What differs, by design of each tool:
@@ -73,6 +74,7 @@ from pathlib import Path
 
 import gopd_core  # noqa: F401  (sets gopd's OpenMP default, which both sides inherit through _quiet_env)
 from gopd_core.allocator import ALLOCATOR_VARIABLE, child_environment
+from gopd_core.hardware import computes_in_bf16
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -250,7 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
         settings = {"student": str(models_dir / "student-base"), "teacher": str(models_dir / "teacher-math"),
                     "prompts": str(zoo / "data" / "math" / "train.parquet"), "batch": args.batch,
                     "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lr": args.lr,
-                    "threads": args.threads, "seed": 0, "output_dir": str(Path(scratch) / "trl"), "scratch": scratch}
+                    "threads": args.threads, "seed": 0, "output_dir": str(Path(scratch) / "trl"), "scratch": scratch,
+                    # both sides at the same precision: bf16 matmuls where the CPU runs them natively
+                    # (gopd's default, `hardware.compute_dtype`; TRL's `bf16` autocast), else float32
+                    "bf16": computes_in_bf16("cpu")}
         settings_path = Path(scratch) / "settings.json"
         settings_path.write_text(json.dumps(settings))
         # gopd on the malloc its command picks; TRL as it ships (below), and again on gopd's
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_size": args.vocab or 259,
         "zoo_preset": manifest.get("preset"), "prompts": settings["prompts"], "batch": args.batch,
         "samples_per_prompt": 1, "max_new_tokens": args.max_new_tokens, "measured_steps": args.steps,
-        "rounds": args.rounds, "threads": args.threads, "dtype": "float32", "quick": args.quick,
+        "rounds": args.rounds, "threads": args.threads, "dtype": "bfloat16 matmuls" if settings["bf16"] else "float32",
+        "quick": args.quick,
         "cpu_count": os.cpu_count(), **sides,
     }
     if "gopd" in sides:

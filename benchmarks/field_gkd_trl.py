@@ -95,7 +95,7 @@ def main(settings: dict) -> dict:
         output_dir=settings["output_dir"], lmbda=1.0, beta=1.0, temperature=1.0,
         max_new_tokens=settings["max_new_tokens"], per_device_train_batch_size=settings["batch"],
         gradient_accumulation_steps=1, max_steps=settings["steps"] + 1, learning_rate=settings["lr"],
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=settings.get("bf16", False), fp16=False,
         use_cpu=True, seed=settings["seed"], save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0, gradient_checkpointing=False,
     )

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gopd_core.allocator import loaded_allocator
+from gopd_core.hardware import native_bf16
 from gopd_core.rollout import native
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def machine() -> dict:
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(memory_gib, 1),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags()),
+        "native_bf16": native_bf16("cpu"),
         "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),

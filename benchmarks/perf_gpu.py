@@ -1,4 +1,4 @@
-"""Scorer throughput and bf16 FLOP utilisation on a CUDA GPU (the CPU machines have no native bf16).
+"""Scorer throughput and bf16 FLOP utilisation on a CUDA GPU (`perf.py` measures the CPU it runs on).
 
 1. Measure the dense bf16 matmul peak (8192^3 products, median of timed repeats).
 2. Build random-weight Llama models in bf16 on the GPU: the perf zoo's ~100M teacher shape (259-token

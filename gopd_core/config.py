@@ -95,6 +95,11 @@ class UpdateConfig(_Frozen):
     max_grad_norm: float = Field(1.0, gt=0)
     minibatches: int = Field(1, ge=1, description="Optimizer steps per iteration (rollouts split into minibatches).")
     micro_token_budget: int = Field(4096, ge=64, description="Max padded tokens per micro-batch (gradient accumulation).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Matmul precision of the update's forward and backward passes; weights and AdamW state "
+                            "stay float32. 'auto': bfloat16 autocast where the device runs bf16 natively (a CUDA "
+                            "GPU, a CPU with AVX512-BF16 or AMX), float32 elsewhere, or as GOPD_PRECISION says "
+                            "('bfloat16' on a CPU without native bf16 is emulated, many times slower).")
 
     @field_validator("reward_scale")
     @classmethod

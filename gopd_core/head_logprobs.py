@@ -73,6 +73,7 @@ class _SampledTokenLogprob(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # under CUDA autocast, the backward's matmuls run in its dtype too
     def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N):
         probs_NV = torch.nn.functional.linear(hidden_NH, weight_VH, bias_V).float()
         chosen_N = probs_NV.gather(1, targets_N[:, None]).squeeze(1)
@@ -83,6 +84,7 @@ class _SampledTokenLogprob(torch.autograd.Function):
         return chosen_N - (top_N1 + total_N1.log()).squeeze(1)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
         hidden_NH, weight_VH, probs_NV, targets_N = ctx.saved_tensors

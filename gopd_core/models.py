@@ -22,6 +22,7 @@ import transformers.modeling_utils as hf_modeling
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from gopd_core.hardware import compute_dtype, native_bf16, precision_setting
 from storage.direct_io import safetensors_chunks, write_safetensors
 
 # Our own stages show one progress bar each; per-file "Loading weights" bars would drown them.
@@ -57,11 +58,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def best_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bf16 where the hardware runs it natively, else fp32."""
+    """The dtype models are loaded in to score: bf16 where `device` runs it natively, else fp32.
+
+    `GOPD_PRECISION` (float32, bfloat16) overrides; a CUDA GPU without bf16 gets fp16.
+    """
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.type == "cuda" and precision_setting() == "auto" and not native_bf16(device):
+        return torch.float16
+    return compute_dtype(device)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.nn.Module:

@@ -280,7 +280,7 @@ def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: d
         optimizer_settings=OptimizerSettings(update.lr, update.weight_decay, update.warmup_steps,
                                              update.max_grad_norm),
         minibatches=update.minibatches, micro_token_budget=update.micro_token_budget, seed=config.seed,
-        device=config.device, score_chunk_rows=config.score_chunk_rows)
+        device=config.device, score_chunk_rows=config.score_chunk_rows, precision=update.precision)
     write_shard(step_rows, layout.updates_path(iteration), UPDATES)
     return new_checkpoint
 

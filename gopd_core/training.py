@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gopd_core.hardware import PRECISIONS, attention_kernels, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
@@ -214,8 +215,22 @@ def _make_optimizer(model: torch.nn.Module, model_path: Path, settings: Optimize
     return optimizer, global_step
 
 
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The update's autocast dtype for `precision` ("auto", "float32", "bfloat16") on `device`; None: plain fp32.
+
+    "auto" is bfloat16 where the device runs it natively (`hardware.native_bf16`: a CUDA GPU, a CPU with
+    AVX512-BF16 or AMX), unless `GOPD_PRECISION` says otherwise; other CPUs emulate bf16 matmuls many
+    times slower than fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"update precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+    dtype = compute_dtype(device, None if precision == "auto" else precision)
+    return dtype if dtype != torch.float32 else None
+
+
 def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], loss_settings: LossSettings,
-                    token_budget: int, device: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
+                    token_budget: int, device: str, scored: dict[str, np.ndarray],
+                    autocast: torch.dtype | None = None) -> dict[str, float]:
     """One optimizer step accumulated over micro-batches; returns the step's token-weighted metrics.
 
     Without stored student scores, each micro-batch's forward pass is also the student's scoring
@@ -229,8 +244,9 @@ def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], lo
         indices = [minibatch[g] for g in group]
         batch = _micro_batch(rows, indices, device)
         # rows are right-padded: no padding mask needed (see token_logprobs)
-        logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
-                                     batch["mask"].shape[1])
+        with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
+                                         batch["mask"].shape[1])  # fp32 log-probs either way
         if "old" not in batch:  # the weights are still the rollout's: this forward pass scores the student
             batch["old"] = logprobs_BT.detach() * batch["mask"]
             batch["advantages"] = gopd_advantages(batch["old"], batch["teacher"], batch.get("reference"),
@@ -258,18 +274,20 @@ def update_policy(
     reference_role: str = "reference", loss_settings: LossSettings = LossSettings(),
     optimizer_settings: OptimizerSettings = OptimizerSettings(), minibatches: int = 1,
     micro_token_budget: int = 4096, seed: int = 0, device: str = "cpu", progress: bool = True,
-    score_chunk_rows: int = 256,
+    score_chunk_rows: int = 256, precision: str = "auto",
 ) -> tuple[Path, list[dict]]:
     """Run one iteration's update and write checkpoint `layout.checkpoint_dir(iteration)`.
 
     With `score_sets.student` None (only with one minibatch), the student's log-probs come from the
     update's forward pass and are stored as the student's score set (in `score_chunk_rows` shards,
-    as the scoring stage would have written them).
+    as the scoring stage would have written them). `precision` (see `autocast_dtype`) sets the matmul
+    dtype of the forward and backward passes; the weights and AdamW state stay float32.
     Returns (checkpoint path, one metrics dict per optimizer step, in the `updates` schema).
     """
     if score_sets.student is None and minibatches != 1:
         raise ValueError(f"the update can score the student itself only with one minibatch (got {minibatches}): "
                          "with more, later steps no longer run the rollout's weights; score the student first")
+    autocast = autocast_dtype(precision, device)
     rows = build_update_rows(layout, iteration, score_sets, reward_scale)
     if not rows.input_ids:
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
@@ -288,7 +306,9 @@ def update_policy(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device, scored)
+        with attention_kernels(device):  # forward and backward passes
+            metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device,
+                                      scored, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optimizer_settings.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at iteration {iteration} step {step}")

@@ -1,4 +1,4 @@
-"""The paper-claims benchmark end to end on the tiny zoo (slow: about 4 minutes on 2 cores)."""
+"""Benchmarks run end to end: paper claims on the tiny zoo (slow: about 4 minutes on 2 cores), GPU stages smoke."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def test_paper_claims_quick_run_writes_every_output(tmp_path):
     # a rerun resumes: every job is already done, nothing runs again
     rerun = subprocess.run(command, check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
     assert "0 to run" in rerun.stdout
+
+
+def test_gpu_stages_benchmark_smoke_runs_every_stage_on_the_cpu(tmp_path):
+    # the script the GPU machines run (benchmarks/perf_gpu_stages.py), checked here on the CPU in seconds
+    out = tmp_path / "stages.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf_gpu_stages.py"), "--smoke", "--zoo",
+                    str(tmp_path / "zoo"), "--json", str(out), "--md", str(tmp_path / "stages.md")],
+                   check=True, cwd=ROOT, timeout=600, capture_output=True)
+    payload = json.loads(out.read_text())
+    assert [run["precision"] for run in payload["stages"]] == ["auto", "float32"]
+    for run in payload["stages"]:
+        (iteration,) = run["iterations"]
+        assert iteration["sequences"] == 2 and iteration["evals_written"] and iteration["update_processed_tok_s"] > 0
+    assert set(payload["rollout"]) == {"student-base", "teacher-math"}
+    assert "| float32 | 0 |" in (tmp_path / "stages.md").read_text()

@@ -25,9 +25,11 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from flows.distill import distill
+from gopd_core import hardware
 from gopd_core.config import parse_config
 from gopd_core.models import (
     ResidentModels,
+    best_dtype,
     has_dropout,
     keep_models_loaded,
     load_model,
@@ -47,7 +49,13 @@ from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cach
 from gopd_core.rollout.lean_decode import LeanDecoder, _fused_norm
 from gopd_core.rollout.sampling import TokenSampler
 from gopd_core.scoring import score_key, score_rollouts
-from gopd_core.training import ScoreSets, checkpoint_complete, update_policy
+from gopd_core.training import (
+    OptimizerSettings,
+    ScoreSets,
+    autocast_dtype,
+    checkpoint_complete,
+    update_policy,
+)
 from storage.layout import RunLayout
 from storage.readers import read_score_map, rollout_shards
 
@@ -292,6 +300,51 @@ def test_update_refuses_to_score_the_student_with_several_minibatches(world):
     with pytest.raises(ValueError, match="only with one minibatch"):
         update_policy(layout, 0, config.models.student, ScoreSets(None, {"default": ("teacher", "x")}),
                       reward_scale=1.0, minibatches=2)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_update_precision_picks_autocast_only_where_it_is_native(world, monkeypatch, native):
+    monkeypatch.delenv(hardware.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": native)
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if native else None)
+    assert best_dtype("cpu") is (torch.bfloat16 if native else torch.float32)  # the scorer's weights
+    assert autocast_dtype("float32", "cpu") is None
+    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    monkeypatch.setenv(hardware.PRECISION_ENV, "float32")  # the override wins over the hardware
+    assert autocast_dtype("auto", "cpu") is None and best_dtype("cpu") is torch.float32
+    monkeypatch.setenv(hardware.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="GOPD_PRECISION must be one of auto, float32, bfloat16, got 'fp16'"):
+        best_dtype("cpu")
+    with pytest.raises(ValueError, match="'auto', 'float32' or 'bfloat16'"):
+        autocast_dtype("fp8", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        parse_config(tiny_distill_config(world.base, world.models, world.data, "x", **{"update.precision": "fp16"}))
+
+
+def test_a_bfloat16_update_trains_float32_weights_close_to_the_float32_update(world):
+    config, layout = _tiny_run(world, "precision")
+    student = Path(config.models.student)
+    written = score_stage(layout, 0, [s for s in plan_scorers(config, student, ["code", "math"])
+                                      if s.role == "teacher"], student_tokenizer=student, chunk_rows=4)
+    teachers = {key.split(":")[1]: ("teacher", digest) for key, digest in written.items()}
+    kwargs = {"reward_scale": 1.0, "micro_token_budget": 64, "score_chunk_rows": 4, "progress": False,
+              "optimizer_settings": OptimizerSettings(lr=1e-3)}
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        checkpoint, steps = update_policy(layout, 0, student, ScoreSets(None, teachers), precision=precision, **kwargs)
+        results[precision] = (load_file(str(checkpoint / "model.safetensors")), steps[0])
+    start = load_file(str(student / "model.safetensors"))
+    (fp32, fp32_step), (bf16, bf16_step) = results["float32"], results["bfloat16"]
+    assert all(tensor.dtype == torch.float32 for tensor in bf16.values())  # mixed precision: fp32 master weights
+    assert bf16_step["loss"] != fp32_step["loss"]  # the bf16 matmuls did run ...
+    assert bf16_step["loss"] == pytest.approx(fp32_step["loss"], rel=0.05, abs=0.02)  # ... and stayed close
+    assert bf16_step["grad_norm"] == pytest.approx(fp32_step["grad_norm"], rel=0.1)
+    step_fp32 = torch.cat([(fp32[k] - start[k]).flatten() for k in start])
+    step_bf16 = torch.cat([(bf16[k] - start[k]).flatten() for k in start])
+    assert step_fp32.abs().max() > 1e-4  # the update moved the weights, and the bf16 one in about the same direction
+    # (AdamW's first step is about lr x sign(gradient): entries whose gradient is near 0 may flip)
+    cosine = torch.nn.functional.cosine_similarity(step_fp32, step_bf16, dim=0).item()
+    assert cosine > 0.8
 
 
 def test_students_with_dropout_keep_their_scoring_pass(world, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from tiny import tiny_distill_config, write_task_data
 
 from flows.distill import distill
+from gopd_core import hardware
 from gopd_core.models import load_model, render_prompt
 from gopd_core.rollout import PromptTooLongError, SamplingParams, open_engine
 from gopd_core.rollout.vllm_engine import VLLMEngine, VLLMWorkerError, engine_dtype
@@ -149,11 +150,16 @@ def test_prompt_logprobs_match_our_scorer(engine, models, first_rows):
     assert engine.prompt_logprobs([]) == []
 
 
-def test_auto_dtype_is_float32_on_a_cpu_build():
-    # vLLM's own "auto" would run fp32 weights in emulated bf16 on a CPU: 3-5x slower
-    assert engine_dtype("auto", cpu_build=True) == "float32"
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtype_on_a_cpu_build_follows_the_scorer(monkeypatch, native):
+    # vLLM's own "auto" would run fp32 weights in bf16, emulated on a CPU without native bf16: 3-5x slower
+    monkeypatch.delenv(hardware.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": native)
+    assert engine_dtype("auto", cpu_build=True) == ("bfloat16" if native else "float32")
     assert engine_dtype("auto", cpu_build=False) == "auto"
     assert engine_dtype("bfloat16", cpu_build=True) == "bfloat16"
+    monkeypatch.setenv(hardware.PRECISION_ENV, "float32")
+    assert engine_dtype("auto", cpu_build=True) == "float32"
 
 
 def test_load_weights_switches_the_checkpoint(engine, models, prompts, first_rows):

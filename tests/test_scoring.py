@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import string
 from pathlib import Path
 
@@ -137,6 +138,20 @@ def test_bfloat16_within_bf16_tolerance(zoo, name):
         np.testing.assert_allclose(got, expected, atol=0.1, rtol=0)
         assert np.abs(got - expected).mean() < 0.02
         assert not np.allclose(got, expected, atol=1e-5, rtol=0)  # bf16 really ran
+
+
+def test_score_sets_are_bf16_where_the_precision_says(zoo, tmp_path, monkeypatch):
+    # "auto" on a CPU with AVX512-BF16/AMX picks bf16 (test_fast_paths checks the pick); here the override
+    layout = RunLayout.under(tmp_path, "run")
+    shards = [write_rollouts(layout.rollouts_dir(0) / "part-00000.parquet", rows=5)]
+    fp32 = stored(score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False).paths)
+    monkeypatch.setenv("GOPD_PRECISION", "bfloat16")
+    assert next(load_model(zoo["student"]).parameters()).dtype == torch.bfloat16
+    shutil.rmtree(layout.run_dir / "scores")
+    bf16 = stored(score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False).paths)
+    assert bf16.keys() == fp32.keys()
+    differences = np.concatenate([np.abs(np.asarray(bf16[k]) - np.asarray(fp32[k])) for k in fp32])
+    assert 1e-5 < differences.max() < 0.1 and differences.mean() < 0.02  # bf16 ran, within bf16 rounding
 
 
 def test_results_independent_of_token_budget_and_logit_chunks(zoo):

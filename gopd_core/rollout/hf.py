@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from gopd_core.hardware import attention_kernels
 from gopd_core.models import load_tokenizer, prepacked_linears, render_prompt, resident_models
 from gopd_core.rollout import (
     EngineBase,
@@ -139,12 +140,17 @@ class HFEngine(EngineBase):
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
     ) -> None:
-        """batch_size counts sequences (prompts x samples); progress None shows tqdm only on a tty."""
+        """batch_size counts sequences (prompts x samples); progress None shows tqdm only on a tty.
+
+        dtype None: float32 on a CPU, where decoding is bound by weight reads and runs on the native fp32
+        kernel (`lean_decode`), and where the update hands its float32 model to the next rollout without
+        a reload; `models.best_dtype` on a GPU.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = device
         self.batch_size = batch_size
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None or torch.device(device).type != "cpu" else torch.float32
         self.progress = progress
         self.tokenizer = load_tokenizer(model_path)
         self.load_weights(model_path)
@@ -193,7 +199,7 @@ class HFEngine(EngineBase):
         batches = [order[start:start + per_batch] for start in range(0, len(order), per_batch)]
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         samples: dict[int, list[tuple[list[int], list[float]]]] = {}
-        with torch.inference_mode(), decoding(self.model) as decoder:
+        with torch.inference_mode(), attention_kernels(self.device), decoding(self.model) as decoder:
             for batch in tqdm(batches, desc=f"rollout {self.checkpoint_id}", disable=not show, unit="batch"):
                 outputs = self._generate_batch([prompt_ids[i] for i in batch], sampling, sampler, decoder)
                 for k, i in enumerate(batch):

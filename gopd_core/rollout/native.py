@@ -37,20 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gopd_core.hardware import cpu_flags
+
 SOURCE = Path(__file__).with_name("small_gemm.c")
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
 SWITCH = "GOPD_NATIVE_KERNELS"
 CACHE = "GOPD_NATIVE_CACHE"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def _compiler() -> str | None:

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gopd_core.hardware import computes_in_bf16
 from gopd_core.models import check_model_dir, load_tokenizer, render_prompt
 from gopd_core.rollout import EngineBase, SamplingParams, check_prompt_lengths, rollout_row
 
@@ -222,14 +223,17 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 
 
 def engine_dtype(dtype: str, cpu_build: bool) -> str:
-    """The dtype vLLM is asked for: on a CPU, "auto" means float32, as for our own engines.
+    """The dtype vLLM is asked for: on a CPU, "auto" means what our scorer uses (`hardware.compute_dtype`).
 
     vLLM's own "auto" runs a float32 checkpoint in 16 bits. A CPU without native bf16 (no
     AVX512-BF16/AMX) emulates those matmuls: on the perf zoo's 25M model on 2 AVX2 cores, sampling
-    ran 3x and prompt log-probs 5x slower than in float32 (see benchmarks/results/perf.md). An
-    explicit dtype is passed through unchanged.
+    ran 3x and prompt log-probs 5x slower than in float32 (see benchmarks/results/perf.md), so there
+    it is float32; a CPU with native bf16 gets bfloat16 (GOPD_PRECISION overrides both). An explicit
+    dtype is passed through unchanged.
     """
-    return "float32" if cpu_build and dtype == "auto" else dtype
+    if not cpu_build or dtype != "auto":
+        return dtype
+    return "bfloat16" if computes_in_bf16("cpu") else "float32"
 
 
 def _installed_vllm() -> str:
