@@ -57,7 +57,7 @@ SIZES = {
     "rollout_batches": ([1, 8, 32], [8]), "rollout_tokens": (64, 16),
     "memory_rows": (32, 8), "update_rows": (24, 6),
     # iterations, prompts, samples per prompt, max_new_tokens: about 2-minute iterations on the quiet 2-core machine
-    "flow": ((2, 32, 4, 128), (1, 2, 2, 16)), "engine_reuse": ((3, 8, 32), (2, 2, 8)),
+    "flow": ((2, 64, 4, 128), (1, 2, 2, 16)), "engine_reuse": ((3, 8, 32), (2, 2, 8)),
 }
 VLLM_DTYPE = "auto"  # `vllm_engine.engine_dtype`: bf16 where the CPU runs it natively, else float32, like our scorer
 

@@ -221,13 +221,18 @@ def _default_backend(results: dict, wins: dict[str, list[int]]) -> str:
     smaller = ("warm vLLM won only at the smaller batches listed above, which no size rule separates."
                if any(wins.values()) else "warm vLLM was not faster at any measured batch.")
     if vllm_at_largest:
+        student = "student-base" not in vllm_at_largest
         return (f"- Default: `backend: hf` is kept, but warm vLLM was faster at {largest} sequences for "
-                f"{', '.join(vllm_at_largest)}: {kept} For such models `backend: vllm` is the faster choice here.")
+                f"{', '.join(vllm_at_largest)}: {kept} For such models `backend: vllm` is the faster choice here"
+                + (". A distill run samples the student, for which hf was at least as fast at every measured batch, "
+                   "so the default stays hf; `backend: vllm` pays for the teacher-sampled baseline "
+                   "(`sampling.source: teacher`) and for bigger students." if student else "."))
     return (f"- Default: `backend: hf` stays on this CPU, not a size-dependent pick. {kept} hf was faster for every "
             f"model at {largest} sequences, the largest batch measured (a distill batch is prompts_per_iteration "
             f"x n, 32 x 4 = 128 sequences by default); {smaller} vLLM's remaining costs here are its start-up, a second copy of the "
             "weights in its worker and its reserved KV cache. On a GPU, where vLLM's batched kernels and CUDA "
-            "graphs apply, `backend: vllm` is the one to measure; no GPU was available to this run.")
+            "graphs apply, `backend: vllm` is the one to measure (the GPU machine lent to this project has no vLLM; "
+            "`benchmarks/results/perf_gpu_stages.md` measures the hf engine there).")
 
 
 def _rollout_decision(results: dict) -> list[str]:
@@ -245,11 +250,14 @@ def _rollout_decision(results: dict) -> list[str]:
                          "weight reads, which is what the fused decode steps and their native kernel address (see "
                          "What was optimised, 7, 13 and 20).")
     lines.append(_default_backend(results, wins))
+    native = results["machine"].get("native_bf16")
     lines.append(
-        "- Found while measuring: vLLM's own `dtype=\"auto\"` runs a float32 checkpoint in 16 bits, emulated on "
-        "this CPU; `VLLMEngine` now asks for float32 on CPU builds (`engine_dtype`), as our HF engine does. "
-        "In a development run (25M student, load ~3.5) that took vLLM sampling from 54 to 164 tok/s and prompt "
-        "log-probs from 128 to 677 tok/s. The numbers above are with float32.")
+        "- Found while measuring (on a CPU without native bf16): vLLM's own `dtype=\"auto\"` runs a float32 "
+        "checkpoint in 16 bits, emulated there; `VLLMEngine` asks for float32 on such CPUs (`engine_dtype`). In a "
+        "development run (25M student, load ~3.5) that took vLLM sampling from 54 to 164 tok/s and prompt log-probs "
+        "from 128 to 677 tok/s. Where the CPU runs bf16 natively, `engine_dtype` asks for bf16, as our scorer uses. "
+        f"The vLLM numbers above are with {'bf16' if native else 'float32'}"
+        + (", hf's with float32 (the native decode kernel)." if native else "."))
     return lines
 
 
@@ -402,6 +410,22 @@ OPTIMISATIONS = [
     "Tried and not kept: transparent huge pages for torch's large allocations (THP_MEM_ALLOC_ENABLE=1): "
     "the linears alone read ~15% faster, but the whole TRL step was slower in both rounds at 64 and 256 "
     "tokens (scoring and update 10-25% slower on jemalloc with 2 MB-aligned blocks).",
+    "21. Precision where bf16 is native (`gopd_core.hardware`). This run's CPU turned out to be an AVX512-BF16 "
+    "EPYC (earlier runs had AVX2 only): bf16 matmuls ran at ~2.2-2.5x the fp32 rate (391-432 vs 142-194 GFLOP/s "
+    "on the models' shapes). Teachers and references are now scored with bf16 weights (fp32 log-softmax) and "
+    "the update runs bf16 autocast over float32 weights and AdamW state (`update.precision: auto`) on such "
+    "CPUs and on CUDA GPUs; rollouts on a CPU stay float32 (the native decode kernel; transformers' bf16 "
+    "decode was no faster: 512 vs 580 tok/s at 8 rows, 827 vs 813 at 32). Development runs: the ~100M teacher "
+    "scored in 4.77 s instead of 9.87 s (log-probs within 0.03 of float32, 0.006 on average); the update "
+    "step 4.7-4.9 s instead of 6.3-6.4 s. TRL's side of section 6 runs with `bf16=True` on such CPUs so both "
+    "sides use the same precision. `GOPD_PRECISION=float32` restores float32 (the tests use it). Tried and "
+    "not kept: attention as blocked bf16 matmuls instead of SDPA's CPU flash kernel (which runs ~70 GFLOP/s "
+    "in either dtype, 23% of bf16 scoring time): at most 1.4x faster in bf16 and slower in float32, because "
+    "the float32 softmax over the scores dominates.",
+    "22. CUDA attention off cuDNN (`hardware.attention_kernels`), found on an H200: torch picks cuDNN's SDPA "
+    "for bf16 there, and it builds an execution plan for every new shape, so decoding and variable-length "
+    "micro-batches mostly built plans. Student rollouts at batch 1/128 went from 24/1,870 to 164/8,777 tok/s "
+    "and the whole GPU stages benchmark from 219 to 69 s (`benchmarks/results/perf_gpu_stages.md`).",
 ]
 
 
