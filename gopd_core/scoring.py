@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 from gopd_core.hardware import attention_kernels
 from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
+    best_dtype,
     check_same_vocab,
     load_tokenizer,
     model_hash,
@@ -300,12 +301,16 @@ def _shard_holds(path: Path, rollout_ids: list[str]) -> bool:
 
 def _inputs_identity(
     shards: Sequence[Path], model_path: str | Path, key: str, role: str, domain: str | None,
-    context: str | None, chunk_rows: int,
+    context: str | None, chunk_rows: int, precision: str,
 ) -> dict:
-    """What a score set is computed from; a set is reused only for an equal identity."""
+    """What a score set is computed from; a set is reused only for an equal identity.
+
+    `precision` (float32, bfloat16) is in it: the same weights scored in another precision (another
+    machine's native bf16, or GOPD_PRECISION) give other log-probs, so the set is scored again.
+    """
     stamps = [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in shards]
     return {"rollout_shards": stamps, "model_id": str(model_path), "model_hash": key, "role": role,
-            "domain": domain, "context": context, "chunk_rows": chunk_rows}
+            "domain": domain, "context": context, "chunk_rows": chunk_rows, "precision": precision}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -397,19 +402,21 @@ def score_rollouts(
         return response_logprobs(model, _chunk_sequences(chunk, tokenizer, context, prompts, rendered), token_budget,
                                  dtype)
 
+    precision = str(dtype or best_dtype(device)).removeprefix("torch.")
     return _write_score_set(layout, iteration, rollout_shards, model_path, role, domain, context, chunk_rows,
-                            chunk_logprobs, progress)
+                            chunk_logprobs, progress, precision)
 
 
 def store_scores(layout: RunLayout, iteration: int, rollout_shards: list[Path], model_path: str | Path, role: str,
-                 logprobs_by_rollout: dict[str, np.ndarray], *, chunk_rows: int = 256) -> ScoreResult:
+                 logprobs_by_rollout: dict[str, np.ndarray], *, chunk_rows: int = 256,
+                 precision: str = "float32") -> ScoreResult:
     """Store log-probs computed elsewhere as the score set `score_rollouts` would write for them.
 
     The update computes the student's log-probs in its own forward pass when one optimizer step
     uses every rollout (`pipeline.student_scored_in_update`); stored here, they serve the audit
     tables and later lam re-runs exactly like a scoring pass, and a later `score_rollouts` call with
     the same inputs is a cache hit. Rollouts missing from `logprobs_by_rollout` must have empty
-    responses (they score no token).
+    responses (they score no token). `precision` is the matmul precision they were computed in.
     """
     _check_arguments(role, None, None, None, chunk_rows)
 
@@ -418,17 +425,18 @@ def store_scores(layout: RunLayout, iteration: int, rollout_shards: list[Path], 
         return [logprobs_by_rollout.get(rollout_id, empty) for rollout_id in chunk.column("rollout_id").to_pylist()]
 
     return _write_score_set(layout, iteration, rollout_shards, model_path, role, None, None, chunk_rows,
-                            chunk_logprobs, progress=False)
+                            chunk_logprobs, False, precision)
 
 
 def _write_score_set(layout: RunLayout, iteration: int, rollout_shards: list[Path], model_path: str | Path,
                      role: str, domain: str | None, context: str | None, chunk_rows: int,
-                     chunk_logprobs: Callable[[pa.Table], list[np.ndarray]], progress: bool) -> ScoreResult:
+                     chunk_logprobs: Callable[[pa.Table], list[np.ndarray]], progress: bool,
+                     precision: str) -> ScoreResult:
     """Write one score set, a shard per chunk of rollouts, resuming an interrupted set; see `score_rollouts`."""
     key = score_key(model_path, context)
     directory = layout.scores_dir(iteration, role, key)
     directory = directory / f"domain={domain}" if domain is not None else directory
-    identity = _inputs_identity(rollout_shards, model_path, key, role, domain, context, chunk_rows)
+    identity = _inputs_identity(rollout_shards, model_path, key, role, domain, context, chunk_rows, precision)
     cached = _cached_result(directory, identity)
     if cached is not None:
         logger.info("%s scores of %d rows already in %s (cache hit)", role, cached.rows, directory)

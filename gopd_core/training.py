@@ -326,7 +326,7 @@ def update_policy(
         })
     if score_sets.student is None:
         store_scores(layout, iteration, rollout_shards(layout, iteration), model_path, "student", scored,
-                     chunk_rows=score_chunk_rows)
+                     chunk_rows=score_chunk_rows, precision=str(autocast or torch.float32).removeprefix("torch."))
     checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step)
     model.zero_grad(set_to_none=True)
     resident_models().put(checkpoint, model, optimizer=optimizer, global_step=global_step)  # the next rollout starts here

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import string
 from pathlib import Path
 
@@ -147,9 +146,11 @@ def test_score_sets_are_bf16_where_the_precision_says(zoo, tmp_path, monkeypatch
     fp32 = stored(score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False).paths)
     monkeypatch.setenv("GOPD_PRECISION", "bfloat16")
     assert next(load_model(zoo["student"]).parameters()).dtype == torch.bfloat16
-    shutil.rmtree(layout.run_dir / "scores")
-    bf16 = stored(score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False).paths)
+    result = score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False)
+    assert not result.cache_hit  # the float32 set is no answer for a bf16 scoring: it is scored again, in place
+    bf16 = stored(result.paths)
     assert bf16.keys() == fp32.keys()
+    assert score_rollouts(layout, 0, shards, zoo["student"], "teacher", chunk_rows=5, progress=False).cache_hit
     differences = np.concatenate([np.abs(np.asarray(bf16[k]) - np.asarray(fp32[k])) for k in fp32])
     assert 1e-5 < differences.max() < 0.1 and differences.mean() < 0.02  # bf16 ran, within bf16 rounding
 
