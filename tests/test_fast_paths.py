@@ -142,13 +142,18 @@ def _prefilled(model, prompts: list[list[int]], new_tokens: int):
     return out.past_key_values, out.logits[:, -1], mask_BL, positions_BL[:, -1] + 1
 
 
-@pytest.mark.parametrize("kernel", ["native", "onednn"])
+@pytest.mark.parametrize("kernel", ["native", "onednn", "native-bf16"])
 @pytest.mark.parametrize("architecture", sorted(LEAN_ARCHITECTURES))
 def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, kernel, monkeypatch):
     if kernel == "onednn":  # the fallback where the native kernel cannot run
         monkeypatch.setattr(native, "available", lambda: False)
+    elif kernel == "native-bf16":  # bf16 linears, on a CPU with AVX512-BF16 when the precision is bf16
+        if "avx512_bf16" not in hardware.cpu_flags():
+            pytest.skip("this CPU has no AVX512-BF16: the bf16 kernel cannot run here")
+        monkeypatch.setenv(hardware.PRECISION_ENV, "bfloat16")
     else:
         assert native.available(), native.unavailable_reason() or "the native kernel's build failed"
+    tolerance = 0.1 if kernel == "native-bf16" else 1e-5  # bf16 rounds weights and inputs: ~0.4% each
     model_class, config = LEAN_ARCHITECTURES[architecture]
     torch.manual_seed(3)
     model = model_class(config).eval()
@@ -156,6 +161,7 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
         torch.nn.init.normal_(parameter, std=0.2)
     assert LeanDecoder.supports(model)
     prompts = [[5, 9, 11], [7, 3, 8, 20, 21, 2, 4], [12, 13, 14, 15, 16]]  # left padding of 4, 0 and 2
+    differences = []
     with torch.inference_mode():
         decoder = LeanDecoder(model)
         lean_cache, logits_BV, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=8)
@@ -170,10 +176,12 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
             plain_BV = model(input_ids=tokens_B[:, None], attention_mask=mask_BL, position_ids=positions_B[:, None],
                              past_key_values=plain_cache, use_cache=True).logits[:, -1]
             logits_BV = decoder.step(tokens_B, positions_B, mask_BL.bool(), lean_cache)
-            assert (logits_BV - plain_BV).abs().max().item() < 1e-5, f"step {step}"
+            differences.append((logits_BV - plain_BV).abs().max().item())
+            assert differences[-1] < tolerance, f"step {step}"
             positions_B = positions_B + 1
         unpadded = decoder.step(tokens_B, positions_B, None, lean_cache)  # no padding: no mask at all
     assert unpadded.shape == (2, config.vocab_size)
+    assert (max(differences) > 1e-5) == (kernel == "native-bf16")  # the bf16 kernel really ran, and only there
 
 
 class _OffsetRMSNorm(torch.nn.Module):

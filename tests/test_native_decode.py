@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from gopd_core import hardware
 from gopd_core.rollout import native
 
 
@@ -31,6 +32,34 @@ def test_blocked_linear_matches_torch(rows, in_features, out_features, with_bias
     assert out.shape == (rows, 1, out_features)
     # columns past the last full block of 16 are computed from zero padding and must not leak
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+NO_BF16 = "this CPU has no AVX512-BF16: the bf16 kernel cannot run here (its float32 twin is tested above)"
+
+
+@pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason=NO_BF16)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("in_features, out_features", [(32, 48), (61, 13), (100, 259), (7, 17)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_blocked_linear_is_the_product_of_the_bf16_rounded_operands(rows, in_features, out_features, with_bias):
+    assert native.bf16_available(), native.unavailable_reason()
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    inputs = torch.randn(rows, 1, in_features, generator=generator)
+    out = native.BlockedLinear(weight, bias, bf16=True)(inputs)
+    rounded = torch.nn.functional.linear(inputs.bfloat16().float(), weight.bfloat16().float(), bias)
+    assert out.shape == (rows, 1, out_features) and out.dtype == torch.float32
+    # fp32 accumulation of exact bf16 products: only the summation order differs (odd K: a zero pads the pair)
+    torch.testing.assert_close(out, rounded, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(out, torch.nn.functional.linear(inputs, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_bf16_kernel_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not native.bf16_available()
+    with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+        native.BlockedLinear(torch.randn(16, 8), bf16=True)
 
 
 def test_blocked_linear_rejects_what_it_cannot_compute():

@@ -142,9 +142,10 @@ class HFEngine(EngineBase):
     ) -> None:
         """batch_size counts sequences (prompts x samples); progress None shows tqdm only on a tty.
 
-        dtype None: float32 on a CPU, where decoding is bound by weight reads and runs on the native fp32
-        kernel (`lean_decode`), and where the update hands its float32 model to the next rollout without
-        a reload; `models.best_dtype` on a GPU.
+        dtype None: float32 weights on a CPU, so the update hands its float32 model to the next rollout
+        without a reload; decode steps run on the native kernel (`lean_decode`), whose linears read a bf16
+        copy of the weights where the CPU has AVX512-BF16 and the precision is bf16. `models.best_dtype`
+        on a GPU.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gopd_core.hardware import computes_in_bf16
 from gopd_core.head_logprobs import logit_transform
 from gopd_core.models import onednn_packable, pack_linear_weight, packed_linear
 from gopd_core.rollout import native
@@ -41,10 +42,11 @@ def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
 
 def _decode_linear(weights: list[torch.Tensor], biases: torch.Tensor | None):
     """x @ cat(weights).T + biases for decode steps: the native small-batch kernel where it runs
-    (`native.BlockedLinear`), else oneDNN's prepacked one."""
+    (`native.BlockedLinear`; its bf16 form where the CPU has AVX512-BF16 and the precision is bf16,
+    `hardware.computes_in_bf16`), else oneDNN's prepacked one."""
     weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
     if native.available():
-        return native.BlockedLinear(weight, biases)
+        return native.BlockedLinear(weight, biases, bf16=native.bf16_available() and computes_in_bf16("cpu"))
     packed = pack_linear_weight(weight)
     return lambda inputs: packed_linear(packed, biases, inputs)
 
