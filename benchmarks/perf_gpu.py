@@ -39,22 +39,24 @@ SHAPES = {  # name -> (hidden, layers, intermediate, vocab)
 DEVICE, DTYPE = "cuda", torch.bfloat16  # --smoke: cpu, float32 (checks the script without a GPU)
 
 
-def sync() -> None:
-    if DEVICE == "cuda":
+def sync(device: str | None = None) -> None:
+    if (device or DEVICE) == "cuda":
         torch.cuda.synchronize()
 
 
-def matmul_peak(size: int = 8192, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
-    b = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
+def matmul_peak(size: int = 8192, repeats: int = 10, device: str | None = None, dtype: torch.dtype | None = None) -> float:
+    """Dense size^3 matmul GFLOP/s (median of timed repeats after warm-ups), on DEVICE in DTYPE unless given."""
+    device, dtype = device or DEVICE, dtype or DTYPE
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         a @ b
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ if __package__ in (None, ""):
 import pyarrow.parquet as pq  # noqa: E402
 
 from benchmarks.perf_common import zoo_prompts  # noqa: E402
+from benchmarks.perf_gpu import matmul_peak  # noqa: E402
 from benchmarks.perf_rollout import engine_rollouts  # noqa: E402
 from gopd_core import pipeline  # noqa: E402
 from gopd_core.config import parse_config  # noqa: E402
@@ -47,27 +47,6 @@ FULL = {"device": "cuda", "batches": [1, 8, 32, 128], "rollout_tokens": 128, "it
         "max_new_tokens": 256, "eval_prompts": 32, "peak_size": 8192}
 SMOKE = {"device": "cpu", "batches": [1, 2], "rollout_tokens": 4, "iterations": 1, "prompts": 2, "n": 1,
          "max_new_tokens": 4, "eval_prompts": 1, "peak_size": 256}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """Dense size^3 matmul GFLOP/s (median of timed repeats after warm-ups)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def rollout_speeds(zoo: Path, settings: dict) -> dict:
@@ -184,8 +163,8 @@ def main() -> None:
     build_zoo(args.zoo, preset="perf", progress=False, num_threads=None)
     print(json.dumps({"zoo_s": round(time.perf_counter() - started, 1)}), flush=True)
     device = settings["device"]
-    peaks = {"bf16": matmul_peak(device, torch.bfloat16, settings["peak_size"]),
-             "fp32": matmul_peak(device, torch.float32, settings["peak_size"])}
+    peaks = {"bf16": matmul_peak(settings["peak_size"], device=device, dtype=torch.bfloat16),
+             "fp32": matmul_peak(settings["peak_size"], device=device, dtype=torch.float32)}
     print(json.dumps({"peaks_gflops": peaks}), flush=True)
     rollout = rollout_speeds(args.zoo, settings)
     params = read_manifest(args.zoo)["models"]["student-base"]["parameters"]
