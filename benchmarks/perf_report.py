@@ -272,7 +272,7 @@ def _rollout_decision(results: dict) -> list[str]:
         "development run (25M student, load ~3.5) that took vLLM sampling from 54 to 164 tok/s and prompt log-probs "
         "from 128 to 677 tok/s. Where the CPU runs bf16 natively, `engine_dtype` asks for bf16, as our scorer uses. "
         f"The vLLM numbers above are with {'bf16' if native else 'float32'}"
-        + (", hf's with float32 (the native decode kernel)." if native else "."))
+        + (", hf's with float32 weights and its native kernel's bf16 linears (item 21)." if native else "."))
     return lines
 
 
@@ -454,8 +454,9 @@ def _precision_lines(machine: dict) -> list[str]:
         return ["This CPU runs bf16 natively (AVX512-BF16/AMX), so the scorer loads teachers and references in "
                 "bf16 and the update runs bf16 autocast over float32 weights (`gopd_core.hardware.compute_dtype`; "
                 "`GOPD_PRECISION=float32` turns both off); the naive and vLLM scorers below run the same bf16 "
-                "weights, and TRL's side of section 6 runs with `bf16=True`. Rollouts stay float32 (the native "
-                "decode kernel). MFU is given against both peaks; the target is 60% of the bf16 one."]
+                "weights, and TRL's side of section 6 runs with `bf16=True`. Rollouts keep float32 weights, and "
+                "the native decode kernel's linears read a bf16 copy (item 21). MFU is given against the bf16 peak, "
+                "the target's."]
     return ["This CPU has no native bf16 (no AVX512-BF16/AMX), so torch emulates bf16 matmuls and they run hundreds "
             "of times slower than fp32. Our scorer therefore runs in fp32 here (`gopd_core.models.best_dtype`), "
             "and any fp32 scorer clears \"60% of the bf16 peak\" trivially. MFU is given against both peaks; the "
@@ -501,7 +502,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "Generated tokens/s of `engine.generate` (the rollout stage's call): `batch` prompts, one sample each, "
         "temperature 1, a fixed response budget (max_new_tokens 64 in the full run, 16 with --quick); hf = our KV-cache sampler in this process (torch threads = "
         "cores), vllm = `VLLMEngine` (worker with cores - 1 OpenMP threads, "
-        f"{'bf16' if machine.get('native_bf16') else 'float32'}; hf samples in float32), warm (start-up apart).", "",
+        f"{'bf16' if machine.get('native_bf16') else 'float32'}; hf keeps float32 weights{', its decode linears bf16' if machine.get('native_bf16') else ''}), warm (start-up apart).", "",
         *_rollout_lines(results), "", *_rollout_decision(results), "",
         "## 4. Update", "",
         f"`update_policy` on the ~25M student, {update['rows']} rollouts, {update['optimizer_steps']} AdamW steps, "
