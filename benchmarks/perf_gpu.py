@@ -158,6 +158,14 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(payload: dict, json_path: Path | None, md_path: Path | None, markdown) -> None:
+    """The run's JSON and its Markdown table, where asked for (`markdown(payload)` renders the table)."""
+    if json_path:
+        json_path.write_text(json.dumps(payload, indent=2))
+    if md_path:
+        md_path.write_text(markdown(payload))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -186,10 +194,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (smoke)", "torch": torch.__version__, "python": platform.python_version(),
                "bf16_matmul_peak_gflops": round(peak), "results": results,
                "batch_overhead_tokens": BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(DEVICE)}
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=2))
-    if args.md:
-        args.md.write_text(markdown(payload))
+    write_outputs(payload, args.json, args.md, markdown)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 import pyarrow.parquet as pq  # noqa: E402
 
 from benchmarks.perf_common import zoo_prompts  # noqa: E402
-from benchmarks.perf_gpu import matmul_peak  # noqa: E402
+from benchmarks.perf_gpu import matmul_peak, write_outputs  # noqa: E402
 from benchmarks.perf_rollout import engine_rollouts  # noqa: E402
 from gopd_core import pipeline  # noqa: E402
 from gopd_core.config import parse_config  # noqa: E402
@@ -176,10 +176,7 @@ def main() -> None:
                "peak_size": settings["peak_size"], "peaks": {k: round(v) for k, v in peaks.items()},
                "student_parameters": params, "rollout": rollout, "stages": stages,
                "wall_s": round(time.perf_counter() - started, 1)}
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=2))
-    if args.md:
-        args.md.write_text(markdown(payload))
+    write_outputs(payload, args.json, args.md, markdown)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,20 @@ def test_the_kernel_builds_wherever_the_machine_allows_it():
     assert native.available() == (reason is None), reason
 
 
+def _linear_case(rows: int, in_features: int, out_features: int, with_bias: bool):
+    """A seeded weight (N, K), bias (N) or None, and `rows` inputs (rows, 1, K)."""
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    return weight, bias, torch.randn(rows, 1, in_features, generator=generator)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("in_features, out_features", [(32, 48), (61, 13), (100, 259)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_blocked_linear_matches_torch(rows, in_features, out_features, with_bias):
     assert native.available(), native.unavailable_reason()
-    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
-    weight = torch.randn(out_features, in_features, generator=generator)
-    bias = torch.randn(out_features, generator=generator) if with_bias else None
-    inputs = torch.randn(rows, 1, in_features, generator=generator)
+    weight, bias, inputs = _linear_case(rows, in_features, out_features, with_bias)
     out = native.BlockedLinear(weight, bias)(inputs)
     expected = torch.nn.functional.linear(inputs, weight, bias)
     assert out.shape == (rows, 1, out_features)
@@ -43,10 +48,7 @@ NO_BF16 = "this CPU has no AVX512-BF16: the bf16 kernel cannot run here (its flo
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bf16_blocked_linear_is_the_product_of_the_bf16_rounded_operands(rows, in_features, out_features, with_bias):
     assert native.bf16_available(), native.unavailable_reason()
-    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
-    weight = torch.randn(out_features, in_features, generator=generator)
-    bias = torch.randn(out_features, generator=generator) if with_bias else None
-    inputs = torch.randn(rows, 1, in_features, generator=generator)
+    weight, bias, inputs = _linear_case(rows, in_features, out_features, with_bias)
     out = native.BlockedLinear(weight, bias, bf16=True)(inputs)
     rounded = torch.nn.functional.linear(inputs.bfloat16().float(), weight.bfloat16().float(), bias)
     assert out.shape == (rows, 1, out_features) and out.dtype == torch.float32

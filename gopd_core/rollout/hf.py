@@ -151,7 +151,9 @@ class HFEngine(EngineBase):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = device
         self.batch_size = batch_size
-        self.dtype = dtype if dtype is not None or torch.device(device).type != "cpu" else torch.float32
+        if dtype is None and torch.device(device).type == "cpu":
+            dtype = torch.float32
+        self.dtype = dtype
         self.progress = progress
         self.tokenizer = load_tokenizer(model_path)
         self.load_weights(model_path)
