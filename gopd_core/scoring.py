@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from gopd_core.attention import cpu_attention
 from gopd_core.hardware import attention_kernels
 from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
@@ -180,18 +181,19 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
-    for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
-        rows = [sequences[scored[j]] for j in batch]
-        input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast), attention_kernels(device):
-            # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
-            # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
-            hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
-            logprobs_N = chosen_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
-                                            chunk_tokens)
-        ends = np.cumsum([len(response) for _, response in rows])[:-1]
-        for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
-            results[scored[j]] = values
+    with cpu_attention(model):  # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA
+        for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
+            rows = [sequences[scored[j]] for j in batch]
+            input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast), attention_kernels(device):
+                # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
+                # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
+                hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
+                logprobs_N = chosen_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
+                                             chunk_tokens)
+            ends = np.cumsum([len(response) for _, response in rows])[:-1]
+            for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
+                results[scored[j]] = values
     return results
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gopd_core.attention import cpu_attention
 from gopd_core.hardware import PRECISIONS, attention_kernels, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
@@ -306,7 +307,7 @@ def update_policy(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        with attention_kernels(device):  # forward and backward passes
+        with attention_kernels(device), cpu_attention(model):  # forward and backward passes
             metrics = _minibatch_step(model, optimizer, rows, minibatch, loss_settings, micro_token_budget, device,
                                       scored, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optimizer_settings.max_grad_norm).item()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gopd_core import hardware
 from gopd_core.rollout import native
@@ -40,6 +41,28 @@ def test_blocked_linear_matches_torch(rows, in_features, out_features, with_bias
 
 
 NO_BF16 = "this CPU has no AVX512-BF16: the bf16 kernel cannot run here (its float32 twin is tested above)"
+
+
+def torch_blocks(weight_NK: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The kernels' weight layouts built from torch ops: (N/16, K, 16) float32 or (N/16, K/2, 16, 2) bf16."""
+    depth, pad = weight_NK.shape[1], -weight_NK.shape[0] % 16
+    if bf16:
+        padded = F.pad(weight_NK, (0, depth % 2, 0, pad)).to(torch.bfloat16)
+        return padded.view(-1, 16, (depth + 1) // 2, 2).transpose(1, 2).contiguous()
+    return F.pad(weight_NK, (0, 0, 0, pad)).view(-1, 16, depth).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=pytest.mark.skipif(
+    "avx512_bf16" not in hardware.cpu_flags(), reason=NO_BF16))])
+@pytest.mark.parametrize("in_features, out_features", [(8, 16), (13, 37), (7, 100), (64, 3)])
+def test_weights_are_packed_bit_for_bit_as_torch_would_lay_them_out(bf16, in_features, out_features):
+    # pack_blocks (C, one pass) replaced pad + cast + transposed copy; bf16 rounds to nearest even as torch does
+    weight = (torch.randn(in_features, out_features) * 3).T  # a transposed view: packed from its values
+    weight[0, 0] = 1 + 2 ** -8  # halfway between two bf16 numbers: ties go to the even one
+    packed = native.BlockedLinear(weight, bf16=bf16).blocks
+    expected = torch_blocks(weight, bf16)
+    assert packed.shape == expected.shape and packed.dtype == expected.dtype
+    assert torch.equal(packed.view(torch.int16), expected.view(torch.int16)) if bf16 else torch.equal(packed, expected)
 
 
 @pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason=NO_BF16)
@@ -84,11 +107,11 @@ def test_the_switch_turns_it_off_in_a_fresh_process():
 def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     broken = tmp_path / "small_gemm.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken, native.SOURCES[1]))
     monkeypatch.setenv(native.CACHE, str(tmp_path / "cache"))
     native._library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="building .*small_gemm.c failed"):
+        with pytest.warns(RuntimeWarning, match="building .*small_gemm.c.* failed"):
             assert not native.available()
         assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
     finally:

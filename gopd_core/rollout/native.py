@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from gopd_core.hardware import cpu_flags
 
-SOURCE = Path(__file__).with_name("small_gemm.c")
+SOURCES = (Path(__file__).with_name("small_gemm.c"), Path(__file__).with_name("causal_attention.c"))
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
 SWITCH = "GOPD_NATIVE_KERNELS"
 CACHE = "GOPD_NATIVE_CACHE"
@@ -73,7 +73,7 @@ def _build(target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         partial = Path(handle.name)
     try:
-        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+        subprocess.run([_compiler(), *FLAGS, *map(str, SOURCES), "-o", str(partial)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(partial, target)  # a concurrent build renames an identical file
     finally:
@@ -84,7 +84,7 @@ def _build(target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     if unavailable_reason() is not None:
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE) or Path.home() / ".cache" / "gopd" / "native")
     target = root / f"small_gemm-{digest}.so"
     try:
@@ -93,7 +93,7 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"native decode kernel unavailable, using oneDNN instead: building {SOURCE} failed: {detail}",
+        warnings.warn(f"native kernels unavailable, using oneDNN and SDPA instead: building {', '.join(map(str, SOURCES))} failed: {detail}",
                       RuntimeWarning, stacklevel=2)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -104,6 +104,11 @@ def _library() -> ctypes.CDLL | None:
     library.decode_attention.argtypes = [pointer, size, size, size, size, size, pointer, size, size, pointer, size,
                                          size, size, pointer, size, ctypes.c_float, pointer, ctypes.c_int]
     library.decode_attention.restype = None
+    library.causal_attention_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size,
+                                              ctypes.c_float, pointer, ctypes.c_int]
+    library.causal_attention_bf16.restype = None
+    library.pack_blocks.argtypes = [pointer, size, size, ctypes.c_int, pointer, ctypes.c_int]
+    library.pack_blocks.restype = None
     return library
 
 
@@ -133,13 +138,14 @@ class BlockedLinear:
                              f"on {weight.device}")
         self.out_features, self.in_features = weight.shape
         self.bf16, self.pairs = bf16, (self.in_features + 1) // 2
-        pad = -self.out_features % BLOCK
-        if bf16:  # (N, 2 K2) -> (N/16, 16, K2, 2) -> (N/16, K2, 16, 2): vdpbf16ps's operand, a pair of k per column
-            padded_NK = F.pad(weight.detach(), (0, 2 * self.pairs - self.in_features, 0, pad)).to(torch.bfloat16)
-            self.blocks = padded_NK.view(-1, BLOCK, self.pairs, 2).transpose(1, 2).contiguous()
-        else:  # (N, K) -> (N/16, 16, K) -> (N/16, K, 16): each k's 16 weights of a block side by side
-            padded_NK = F.pad(weight.detach(), (0, 0, 0, pad))
-            self.blocks = padded_NK.view(-1, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        pad, blocks = -self.out_features % BLOCK, -(-self.out_features // BLOCK)
+        # bf16: (N/16, K2, 16, 2), vdpbf16ps's operand, a pair of k per column; float32: (N/16, K, 16), each k's
+        # 16 weights of a block side by side (pack_blocks in small_gemm.c, one pass over the weight)
+        shape = (blocks, self.pairs, BLOCK, 2) if bf16 else (blocks, self.in_features, BLOCK)
+        self.blocks = torch.empty(shape, dtype=torch.bfloat16 if bf16 else torch.float32)
+        weight_NK = weight.detach().contiguous()
+        _library().pack_blocks(weight_NK.data_ptr(), self.out_features, self.in_features, int(bf16),
+                               self.blocks.data_ptr(), torch.get_num_threads())
         self.bias = None if bias is None else F.pad(bias.detach().float(), (0, pad)).contiguous()
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -197,3 +203,43 @@ def decode_attention(queries_BQD: torch.Tensor, keys_BKLD: torch.Tensor, values_
                                 None if mask is None else mask.data_ptr(),
                                 0 if mask is None else mask.stride(0), scale, out_BX.data_ptr(), torch.get_num_threads())
     return out_BX
+
+
+def causal_attention_supported(head_dim: int) -> bool:
+    """Whether `causal_attention` covers heads of `head_dim` here: AVX512-BF16, head size 16 to 128 in steps of 16."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= 128 and bf16_available()
+
+
+def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values_BKLD: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Causal self-attention of whole bf16 sequences (`causal_attention.c`): (B, L, H, D) bf16.
+
+    queries_BHLD: (B, H, L, D); keys_BKLD / values_BKLD: (B, Hkv, L, D) with the same strides, H a multiple of
+    Hkv (grouped-query attention). Any strides with the head dim contiguous, e.g. transformers' transposed
+    projections. Position i attends to positions <= i; softmax in float32, weights and values in bf16.
+    """
+    batch, heads, length, dim = queries_BHLD.shape
+    kv_heads = keys_BKLD.shape[1]
+    tensors = (queries_BHLD, keys_BKLD, values_BKLD)
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 for t in tensors):
+        raise ValueError(f"causal_attention takes 4-D bf16 CPU tensors, got "
+                         f"{[(t.dtype, str(t.device), tuple(t.shape)) for t in tensors]}")
+    if not causal_attention_supported(dim):
+        raise ValueError(f"causal_attention needs AVX512-BF16 and a head size of 16 to 128 in steps of 16, "
+                         f"got head size {dim} ({unavailable_reason() or 'CPU flags ok'})")
+    if (keys_BKLD.shape != values_BKLD.shape or keys_BKLD.stride() != values_BKLD.stride()
+            or (keys_BKLD.shape[0], keys_BKLD.shape[2], keys_BKLD.shape[3]) != (batch, length, dim) or heads % kv_heads):
+        raise ValueError(f"queries {tuple(queries_BHLD.shape)}, keys {tuple(keys_BKLD.shape)} and values "
+                         f"{tuple(values_BKLD.shape)}: keys and values must match each other (strides too) and the "
+                         f"queries' rows, positions and head size, with heads a multiple of the kv heads")
+    if any(t.stride(3) != 1 or any(stride % 2 for stride in t.stride()[:3]) or t.data_ptr() % 4 for t in tensors):
+        raise ValueError(f"strides {[t.stride() for t in tensors]}: the head dim must be contiguous and every other "
+                         f"stride even (pairs of bf16 are read as 32-bit words)")
+    out_BLHD = queries_BHLD.new_empty((batch, length, heads, dim))
+    if out_BLHD.numel():
+        q_strides = torch.tensor(queries_BHLD.stride()[:3], dtype=torch.int64)
+        kv_strides = torch.tensor(keys_BKLD.stride()[:3], dtype=torch.int64)
+        _library().causal_attention_bf16(queries_BHLD.data_ptr(), q_strides.data_ptr(), keys_BKLD.data_ptr(),
+                                         values_BKLD.data_ptr(), kv_strides.data_ptr(), batch, heads, kv_heads,
+                                         length, dim, scale, out_BLHD.data_ptr(), torch.get_num_threads())
+    return out_BLHD

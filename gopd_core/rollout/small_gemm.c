@@ -228,3 +228,36 @@ void decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, in
         free(p);
     }
 }
+
+/* float32 -> bf16, rounded to nearest even as torch rounds it (NaN stays NaN). */
+static inline uint16_t to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* W (N, K) float32, rows contiguous, into the layouts above, zeros past N (and past K in the last bf16 pair):
+ * bf16 == 0: (ceil(N / 16), K, 16) float32 for small_gemm; bf16 == 1: (ceil(N / 16), ceil(K / 2), 16, 2) bf16
+ * for small_gemm_bf16. One pass, blocks split across threads: a 151,936 x 512 head packed in torch ops (pad,
+ * cast, transposed copy) took 0.3 s, at every rollout stage. */
+void pack_blocks(const float *w, int64_t N, int64_t K, int bf16, void *out, int threads) {
+    const int64_t blocks = (N + BLOCK - 1) / BLOCK, K2 = (K + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t c = 0; c < BLOCK; ++c) {
+            const int live = b * BLOCK + c < N;
+            const float *row = w + (live ? (b * BLOCK + c) * K : 0);
+            if (bf16) {  /* one 32-bit word per pair of k: (k even, k odd) */
+                uint32_t *o = (uint32_t *)out + b * K2 * BLOCK + c;
+                for (int64_t k2 = 0; k2 < K / 2; ++k2)
+                    o[k2 * BLOCK] = live ? (uint32_t)to_bf16(row[2 * k2]) | (uint32_t)to_bf16(row[2 * k2 + 1]) << 16 : 0;
+                if (K % 2) o[(K2 - 1) * BLOCK] = live ? to_bf16(row[K - 1]) : 0;
+            } else {
+                float *o = (float *)out + b * K * BLOCK + c;
+                for (int64_t k = 0; k < K; ++k) o[k * BLOCK] = live ? row[k] : 0.0f;
+            }
+        }
+    }
+}

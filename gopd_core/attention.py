@@ -1,0 +1,88 @@
+"""Causal attention on CPUs, where torch's SDPA kernels are slow for the shapes gopd runs, through a
+registered transformers attention implementation that a `with cpu_attention(model):` block switches to.
+
+1. Inference in bf16 (the scorer, on CPUs with AVX512-BF16): the native kernel (`rollout/causal_attention.c`,
+   its docstring gives the algorithm). torch's CPU flash SDPA ran ~40-60 GFLOP/s on the zoo teacher's heads
+   (D = 32) in bf16 and was a quarter of bf16 scoring time; the native kernel runs ~100-200 GFLOP/s.
+2. Training under bf16 autocast (the update): CPU autocast runs SDPA in bf16, whose flash backward is slow at
+   short lengths: forward + backward of 8 rows x 110 positions x 16 heads took 23 ms in bf16 and 10.4 ms in
+   float32 (equal at 512 positions, bf16 ahead at 1024). Up to FLOAT32_TRAINING_LENGTH positions the
+   attention runs in float32 (outside autocast), which is also the more precise choice.
+3. Anything else (a padding mask at inference, decoding with a cache, float32 models, soft-capping, sinks,
+   a narrower sliding window, head sizes the kernel lacks) goes to transformers' SDPA function unchanged.
+The implementation's mask function is SDPA's, so models build exactly the masks they would for SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from gopd_core.rollout import native
+
+ATTENTION = "gopd_cpu"
+FLOAT32_TRAINING_LENGTH = 256
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias", "cache")
+
+
+def _native_applies(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+                    is_causal: bool | None, module: torch.nn.Module, kwargs: dict) -> bool:
+    length = query.shape[2]
+    window = kwargs.get("sliding_window")
+    return (not torch.is_grad_enabled() and attention_mask is None and dropout == 0.0 and length > 1
+            and key.shape[2] == length
+            and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            and (window is None or window >= length)
+            and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (query, key))
+            and native.causal_attention_supported(query.shape[-1]))
+
+
+def _float32_training_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and query.device.type == "cpu" and query.shape[2] <= FLOAT32_TRAINING_LENGTH
+            and torch.bfloat16 in (query.dtype, key.dtype, value.dtype))
+
+
+def cpu_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D)."""
+    arguments = {"dropout": dropout, "scaling": scaling, "is_causal": is_causal, **kwargs}
+    if _native_applies(query, key, attention_mask, dropout, is_causal, module, kwargs) and value.dtype == key.dtype:
+        if key.stride() != value.stride():
+            key, value = key.contiguous(), value.contiguous()
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return native.causal_attention(query, key, value, scale), None
+    if _float32_training_applies(query, key, value):
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                  **arguments)
+        return out.to(torch.bfloat16), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **arguments)
+
+
+AttentionInterface.register(ATTENTION, cpu_attention_forward)
+AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextlib.contextmanager
+def cpu_attention(model: torch.nn.Module) -> Iterator[bool]:
+    """Inside, `model` (a text-only SDPA transformers model on the CPU) attends through `cpu_attention_forward`;
+    yields whether it switched. The model's own setting is back on leaving the block."""
+    config = getattr(model, "config", None)
+    parameter = next(model.parameters(), None)
+    switch = (config is not None and not config.sub_configs and getattr(config, "_attn_implementation", None) == "sdpa"
+              and parameter is not None and parameter.device.type == "cpu")
+    if not switch:
+        yield False
+        return
+    config._attn_implementation = ATTENTION
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"

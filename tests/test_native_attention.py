@@ -1,0 +1,174 @@
+"""Scoring's native causal attention (`rollout/causal_attention.c`, `gopd_core/attention.py`) against SDPA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gopd_core import attention, hardware, scoring
+from gopd_core.head_logprobs import sampled_token_logprobs
+from gopd_core.rollout import native
+from gopd_core.scoring import plan_microbatches, response_logprobs
+
+NO_BF16 = "this CPU has no AVX512-BF16: the native bf16 attention cannot run here (scoring keeps SDPA, tested elsewhere)"
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in hardware.cpu_flags(), reason=NO_BF16)
+
+
+def projections(batch: int, length: int, heads: int, kv_heads: int, dim: int, seed: int):
+    """bf16 q (B, H, L, D) and k, v (B, Hkv, L, D), strided as transformers makes them: (B, L, H, D) transposed."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(batch, length, heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    kv = torch.randn(batch, length, 2 * kv_heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    return queries, kv[:, :kv_heads], kv[:, kv_heads:]
+
+
+def sdpa_float32(queries, keys, values) -> torch.Tensor:
+    group = queries.shape[1] // keys.shape[1]
+    expand = lambda t: t.float().repeat_interleave(group, dim=1)  # noqa: E731
+    return F.scaled_dot_product_attention(queries.float(), expand(keys), expand(values), is_causal=True).transpose(1, 2)
+
+
+@needs_bf16
+@pytest.mark.parametrize(("batch", "length", "heads", "kv_heads", "dim"), [
+    (1, 1, 2, 2, 32), (2, 15, 4, 4, 16), (1, 16, 2, 1, 32), (3, 37, 4, 2, 64), (2, 100, 6, 3, 32),
+    (1, 33, 2, 1, 128), (1, 300, 8, 8, 32), (2, 70, 2, 2, 48), (1, 50, 4, 4, 80),
+])
+def test_matches_float32_sdpa_within_bf16_rounding(batch, length, heads, kv_heads, dim):
+    # the kernel rounds the weights and its output to bf16 (8 significant bits): values of size ~1 are off by
+    # up to ~2^-8; everything else is float32, as SDPA's flash kernel does it
+    queries, keys, values = projections(batch, length, heads, kv_heads, dim, seed=length)
+    got = native.causal_attention(queries, keys, values, dim ** -0.5)
+    assert got.shape == (batch, length, heads, dim) and got.dtype == torch.bfloat16
+    want = sdpa_float32(queries, keys, values)
+    torch.testing.assert_close(got.float(), want, atol=1.5e-2, rtol=1e-2)
+    # position 0 sees only itself: its output is its own value, exactly (weight 1, rounded once)
+    group = heads // kv_heads
+    torch.testing.assert_close(got[:, 0].float(), values[:, :, 0].repeat_interleave(group, dim=1).float(),
+                               atol=0, rtol=0)
+
+
+@needs_bf16
+def test_causal_attention_rejects_what_it_cannot_compute():
+    queries, keys, values = projections(1, 8, 2, 2, 32, seed=0)
+    with pytest.raises(ValueError, match="bf16"):
+        native.causal_attention(queries.float(), keys, values, 0.1)
+    with pytest.raises(ValueError, match="head size"):
+        native.causal_attention(*(t[..., :24] for t in (queries, keys, values)), 0.1)
+    with pytest.raises(ValueError, match="kv heads"):
+        native.causal_attention(torch.cat([queries, queries[:, :1]], dim=1), keys, values, 0.1)
+    with pytest.raises(ValueError, match="strides"):
+        native.causal_attention(queries.transpose(2, 3).contiguous().transpose(2, 3), keys, values, 0.1)
+    assert not native.causal_attention_supported(24) and not native.causal_attention_supported(256)
+
+
+def bf16_llama(heads: int, kv_heads: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=heads * 32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def count_native_calls(monkeypatch) -> list[int]:
+    calls, kernel = [], native.causal_attention
+    monkeypatch.setattr(native, "causal_attention", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+def random_rows(count: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    generator = np.random.default_rng(seed)
+    return [(generator.integers(1, 97, 5 + i).tolist(), generator.integers(1, 97, 3 + 7 * i).tolist())
+            for i in range(count)]
+
+
+@needs_bf16
+def test_the_scorer_attends_natively_in_bf16_and_agrees_with_sdpa(monkeypatch):
+    model, sequences = bf16_llama(heads=4, kv_heads=2, seed=0), random_rows(6, seed=0)
+    with monkeypatch.context() as sdpa_only:
+        sdpa_only.setattr(scoring, "cpu_attention", lambda model: contextlib.nullcontext(False))
+        sdpa = response_logprobs(model, sequences, token_budget=64)
+    calls = count_native_calls(monkeypatch)
+    ours = response_logprobs(model, sequences, token_budget=64)
+    assert len(calls) == 2 * len(plan_microbatches([len(p) + len(r) - 1 for p, r in sequences], 64))  # 2 layers
+    assert model.config._attn_implementation == "sdpa"  # the model is as it was
+    differences = np.concatenate([np.abs(a - b) for a, b in zip(ours, sdpa, strict=True)])
+    assert 0 < differences.max() < 0.05 and differences.mean() < 0.01  # another kernel, within bf16 rounding
+
+
+@needs_bf16
+def test_the_switch_is_undone_and_masks_and_gradients_keep_the_kernel_out(monkeypatch):
+    model = bf16_llama(heads=2, kv_heads=2, seed=1)
+    input_ids = torch.randint(1, 97, (2, 20))
+    padding = torch.ones_like(input_ids)
+    padding[1, 12:] = 0
+    calls = count_native_calls(monkeypatch)
+    with attention.cpu_attention(model) as switched:
+        assert switched and model.config._attn_implementation == attention.ATTENTION
+        model(input_ids).logits.sum().backward()  # gradients on: the kernel has no backward, SDPA runs
+        assert not calls
+        with torch.inference_mode():
+            got = model(input_ids, attention_mask=padding).logits  # a padding mask: SDPA, unchanged
+            assert not calls
+            model(input_ids)  # plain causal inference: the kernel, once per layer
+            assert len(calls) == 2
+    assert model.config._attn_implementation == "sdpa"
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(input_ids, attention_mask=padding).logits, atol=0, rtol=0)
+    with torch.inference_mode(), attention.cpu_attention(model.float()):
+        model(input_ids)  # float32: SDPA
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(("length", "float32"), [(40, True), (attention.FLOAT32_TRAINING_LENGTH, True),
+                                                 (attention.FLOAT32_TRAINING_LENGTH + 1, False)])
+def test_short_bf16_training_attention_runs_in_float32(length, float32):
+    # CPU autocast would run SDPA in bf16, whose flash backward is slow at short lengths: float32 instead
+    module = torch.nn.Module()
+    queries, keys, values = (t.detach().requires_grad_() for t in projections(2, length, 4, 4, 32, seed=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = attention.cpu_attention_forward(module, queries, keys, values, None)
+    got.float().sum().backward()
+    assert got.dtype == queries.grad.dtype == torch.bfloat16
+    if float32:
+        want = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), is_causal=True)
+    else:
+        want = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+    torch.testing.assert_close(got, want.transpose(1, 2).to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_the_head_backward_runs_in_the_autocast_dtype_on_cpu():
+    # CPU autocast is off inside backward passes; the hand-written head backward casts to the forward's dtype
+    torch.manual_seed(0)
+    head = _Head(32, 50)
+    hidden_NH = torch.randn(7, 32, requires_grad=True)
+    targets_N, upstream_N = torch.randint(0, 50, (7,)), torch.randn(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_N = sampled_token_logprobs(head, hidden_NH, targets_N)
+    (got_N * upstream_N).sum().backward()
+    assert got_N.dtype == hidden_NH.grad.dtype == head.lm_head.weight.grad.dtype == torch.float32
+    # the same gradient from bf16-rounded operands, in float64: d logprob / d logits = onehot - softmax
+    weight_VH, rounded_hidden = head.lm_head.weight.detach(), hidden_NH.detach().bfloat16()
+    logits_NV = (rounded_hidden.double() @ weight_VH.bfloat16().double().T).bfloat16().double()
+    grad_NV = (F.one_hot(targets_N, 50) - logits_NV.softmax(-1)) * upstream_N.double()[:, None]
+    grad_NV = grad_NV.bfloat16().double()
+    torch.testing.assert_close(hidden_NH.grad.double(), grad_NV @ weight_VH.bfloat16().double(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(head.lm_head.weight.grad.double(), grad_NV.T @ rounded_hidden.double(),
+                               atol=2e-2, rtol=2e-2)
+    # bf16 matmuls give bf16 results: every gradient entry is a bf16 number (float32 ones would not be)
+    for grad in (hidden_NH.grad, head.lm_head.weight.grad):
+        assert torch.equal(grad, grad.bfloat16().float())
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.config = type("Config", (), {})()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
