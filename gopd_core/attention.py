@@ -44,8 +44,12 @@ def _native_applies(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
 
 
 def _float32_training_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    return (torch.is_grad_enabled() and query.device.type == "cpu" and query.shape[2] <= FLOAT32_TRAINING_LENGTH
-            and torch.bfloat16 in (query.dtype, key.dtype, value.dtype))
+    """Gradients on, on the CPU, short, and SDPA would run in bf16: bf16 inputs, or CPU autocast to bf16 (which
+    casts SDPA's inputs; transformers' Llama hands it float32 projections even under autocast)."""
+    bf16 = torch.bfloat16 in (query.dtype, key.dtype, value.dtype) or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return (bf16 and torch.is_grad_enabled() and query.device.type == "cpu"
+            and query.shape[2] <= FLOAT32_TRAINING_LENGTH)
 
 
 def cpu_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -128,17 +128,21 @@ def test_the_switch_is_undone_and_masks_and_gradients_keep_the_kernel_out(monkey
                                                  (attention.FLOAT32_TRAINING_LENGTH + 1, False)])
 def test_short_bf16_training_attention_runs_in_float32(length, float32):
     # CPU autocast would run SDPA in bf16, whose flash backward is slow at short lengths: float32 instead
+    # (bf16 projections, or float32 ones as transformers' Llama passes them under autocast)
     module = torch.nn.Module()
-    queries, keys, values = (t.detach().requires_grad_() for t in projections(2, length, 4, 4, 32, seed=3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = attention.cpu_attention_forward(module, queries, keys, values, None)
-    got.float().sum().backward()
-    assert got.dtype == queries.grad.dtype == torch.bfloat16
-    if float32:
-        want = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), is_causal=True)
-    else:
-        want = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
-    torch.testing.assert_close(got, want.transpose(1, 2).to(torch.bfloat16), atol=0, rtol=0)
+    for dtype in (torch.bfloat16, torch.float32):
+        queries, keys, values = (t.to(dtype).detach().requires_grad_()
+                                 for t in projections(2, length, 4, 4, 32, seed=3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = attention.cpu_attention_forward(module, queries, keys, values, None)
+        got.float().sum().backward()
+        assert got.dtype == torch.bfloat16 and queries.grad.dtype == dtype
+        if float32:
+            want = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), is_causal=True)
+        else:
+            bf16 = [t.to(torch.bfloat16) for t in (queries, keys, values)]
+            want = F.scaled_dot_product_attention(*bf16, is_causal=True)
+        torch.testing.assert_close(got, want.transpose(1, 2).to(torch.bfloat16), atol=0, rtol=0)
 
 
 def test_the_head_backward_runs_in_the_autocast_dtype_on_cpu():
