@@ -63,6 +63,8 @@ def cpu_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return native.causal_attention(query, key, value, scale), None
     if _float32_training_applies(query, key, value):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()  # an additive mask in the scores' dtype
         with torch.autocast("cpu", enabled=False):
             out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                   **arguments)

@@ -143,6 +143,12 @@ def test_short_bf16_training_attention_runs_in_float32(length, float32):
             bf16 = [t.to(torch.bfloat16) for t in (queries, keys, values)]
             want = F.scaled_dot_product_attention(*bf16, is_causal=True)
         torch.testing.assert_close(got, want.transpose(1, 2).to(torch.bfloat16), atol=0, rtol=0)
+    if float32:  # an additive bf16 mask (as transformers builds one for padding) is taken in float32 too
+        mask = torch.zeros(1, 1, length, length, dtype=torch.bfloat16).masked_fill(
+            torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            masked, _ = attention.cpu_attention_forward(module, queries, keys, values, mask)
+        torch.testing.assert_close(masked, got, atol=1e-2, rtol=1e-2)
 
 
 def test_the_head_backward_runs_in_the_autocast_dtype_on_cpu():
