@@ -140,8 +140,9 @@ INLINE AVX512BF16 void weigh_rows(const int chunks, int rows, const uint16_t *w,
 
 /* q, k, v: bf16, element (b, h, l, d) at x + b * x_strides[0] + h * x_strides[1] + l * x_strides[2] + d
  * (k and v share strides, with Hkv heads; query head h reads kv head h / (H / Hkv)). D is a multiple of 16
- * and at most 128, every stride even. out: (B, L, H, D) bf16. scale: the scores' factor (1 / sqrt(D)). */
-AVX512BF16 void causal_attention_bf16(const uint16_t *q, const int64_t *q_strides, const uint16_t *k,
+ * and at most 128, every stride even. out: (B, L, H, D) bf16. scale: the scores' factor (1 / sqrt(D)).
+ * Returns 0, or -1 if its scratch memory could not be allocated (out is then incomplete). */
+AVX512BF16 int causal_attention_bf16(const uint16_t *q, const int64_t *q_strides, const uint16_t *k,
                                       const uint16_t *v, const int64_t *kv_strides, int64_t B, int64_t H,
                                       int64_t Hkv, int64_t L, int64_t D, float scale, uint16_t *out, int threads) {
     const int64_t padded = (L + KEYS - 1) / KEYS * KEYS, D2 = D / 2, group = H / Hkv;
@@ -149,13 +150,20 @@ AVX512BF16 void causal_attention_bf16(const uint16_t *q, const int64_t *q_stride
     uint32_t *keys = (uint32_t *)malloc((size_t)(B * Hkv * head_elements) * sizeof(uint16_t));
     uint16_t *values = (uint16_t *)malloc((size_t)(B * Hkv * head_elements) * sizeof(uint16_t));
     const int chunks = (int)(D / 16);
-#pragma omp parallel num_threads(threads)
+    int failed = !keys || !values;
+#pragma omp parallel num_threads(threads) if (!failed)
     {
         float *s = (float *)malloc((size_t)(QROWS * padded) * sizeof(float));
         uint16_t *w = (uint16_t *)malloc((size_t)(QROWS * padded) * sizeof(uint16_t));
+        const int ready = s && w && keys && values;
         float inverse[QROWS];
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t bg = 0; bg < B * Hkv; ++bg) {
+            if (!keys || !values) continue;
             int64_t b = bg / Hkv, g = bg % Hkv;
             pack_head(k + b * kv_strides[0] + g * kv_strides[1], v + b * kv_strides[0] + g * kv_strides[1],
                       kv_strides[2], L, D, keys + bg * head_elements / 2, values + bg * head_elements);
@@ -163,6 +171,7 @@ AVX512BF16 void causal_attention_bf16(const uint16_t *q, const int64_t *q_stride
         /* the implicit barrier above: every head is packed before any task reads one */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * H * blocks; ++task) {
+            if (!ready) continue;
             /* longest tasks (the last queries of a head) first, so the dynamic schedule ends evenly */
             int64_t block = blocks - 1 - task % blocks, bh = task / blocks, b = bh / H, h = bh % H;
             int64_t first = block * QROWS, rows = L - first < QROWS ? L - first : QROWS;
@@ -194,4 +203,5 @@ AVX512BF16 void causal_attention_bf16(const uint16_t *q, const int64_t *q_stride
     }
     free(keys);
     free(values);
+    return failed ? -1 : 0;
 }

@@ -106,7 +106,7 @@ def _library() -> ctypes.CDLL | None:
     library.decode_attention.restype = None
     library.causal_attention_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size,
                                               ctypes.c_float, pointer, ctypes.c_int]
-    library.causal_attention_bf16.restype = None
+    library.causal_attention_bf16.restype = ctypes.c_int
     library.pack_blocks.argtypes = [pointer, size, size, ctypes.c_int, pointer, ctypes.c_int]
     library.pack_blocks.restype = None
     return library
@@ -240,7 +240,10 @@ def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values
         q_strides = torch.tensor(queries_BHLD.stride()[:3], dtype=torch.int64)
         kv_strides = torch.tensor(keys_BKLD.stride()[:3], dtype=torch.int64)
         with torch.profiler.record_function("gopd::causal_attention_bf16"):  # visible in torch.profiler tables
-            _library().causal_attention_bf16(queries_BHLD.data_ptr(), q_strides.data_ptr(), keys_BKLD.data_ptr(),
+            status = _library().causal_attention_bf16(queries_BHLD.data_ptr(), q_strides.data_ptr(), keys_BKLD.data_ptr(),
                                              values_BKLD.data_ptr(), kv_strides.data_ptr(), batch, heads, kv_heads,
                                              length, dim, scale, out_BLHD.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError(f"causal_attention could not allocate its scratch for {batch} rows x {length} positions "
+                              f"x {kv_heads} kv heads x head size {dim} (about twice the keys' and values' bytes)")
     return out_BLHD
