@@ -442,7 +442,7 @@ OPTIMISATIONS = [
     "not kept: attention as blocked bf16 matmuls instead of SDPA's CPU flash kernel (which runs ~70 GFLOP/s "
     "in either dtype, 23% of bf16 scoring time): at most 1.4x faster in bf16 and slower in float32, because "
     "the float32 softmax over the scores dominates.",
-    "22. CUDA attention off cuDNN (`hardware.attention_kernels`), found on an H200: torch picks cuDNN's SDPA "
+    "22. CUDA attention off cuDNN (`attention.attention_kernels`), found on an H200: torch picks cuDNN's SDPA "
     "for bf16 there, and it builds an execution plan for every new shape, so decoding and variable-length "
     "micro-batches mostly built plans. Student rollouts at batch 1/128 went from 24/1,870 to 164/8,777 tok/s "
     "and the whole GPU stages benchmark from 219 to 69 s (`benchmarks/results/perf_gpu_stages.md`).",

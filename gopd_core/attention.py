@@ -1,5 +1,6 @@
-"""Causal attention on CPUs, where torch's SDPA kernels are slow for the shapes gopd runs, through a
-registered transformers attention implementation that a `with cpu_attention(model):` block switches to.
+"""Which attention kernels gopd's passes run. On a CUDA GPU, `attention_kernels(device)` keeps SDPA off
+cuDNN (its docstring says why). On CPUs, where torch's SDPA kernels are slow for the shapes gopd runs, a
+registered transformers attention implementation that a `with cpu_attention(model):` block switches to:
 
 1. Inference in bf16 (the scorer, on CPUs with AVX512-BF16): the native kernel (`rollout/causal_attention.c`,
    its docstring gives the algorithm). torch's CPU flash SDPA ran ~40-60 GFLOP/s on the zoo teacher's heads
@@ -30,8 +31,8 @@ FLOAT32_TRAINING_LENGTH = 256
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias", "cache")
 
 
-def _native_applies(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
-                    is_causal: bool | None, module: torch.nn.Module, kwargs: dict) -> bool:
+def _native_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    dropout: float, is_causal: bool | None, module: torch.nn.Module, kwargs: dict) -> bool:
     length = query.shape[2]
     window = kwargs.get("sliding_window")
     return (not torch.is_grad_enabled() and attention_mask is None and dropout == 0.0 and length > 1
@@ -39,7 +40,7 @@ def _native_applies(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
             and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
             and (window is None or window >= length)
             and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
-            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (query, key))
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (query, key, value))
             and native.causal_attention_supported(query.shape[-1]))
 
 
@@ -57,7 +58,7 @@ def cpu_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D)."""
     arguments = {"dropout": dropout, "scaling": scaling, "is_causal": is_causal, **kwargs}
-    if _native_applies(query, key, attention_mask, dropout, is_causal, module, kwargs) and value.dtype == key.dtype:
+    if _native_applies(query, key, value, attention_mask, dropout, is_causal, module, kwargs):
         if key.stride() != value.stride():
             key, value = key.contiguous(), value.contiguous()
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -92,3 +93,22 @@ def cpu_attention(model: torch.nn.Module) -> Iterator[bool]:
         yield True
     finally:
         config._attn_implementation = "sdpa"
+
+
+@contextlib.contextmanager
+def attention_kernels(device: str | torch.device) -> Iterator[None]:
+    """Inside, SDPA on a CUDA GPU uses flash/memory-efficient/math attention, not cuDNN's.
+
+    torch picks cuDNN attention for bf16 on Hopper, and cuDNN builds an execution plan for every new
+    shape: decoding (a new key length each step) and variable-length micro-batches then spend most of
+    their time building plans. On an H200 (torch 2.11) a 32-row rollout took 8.8 s the first time and
+    0.8 s when repeated with the same shapes, and a bf16 update 5.3 s, then 0.9 s
+    (benchmarks/results/perf_gpu_stages.md). A no-op off CUDA.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,22 +57,3 @@ def compute_dtype(device: str | torch.device = "cpu", precision: str | None = No
 def computes_in_bf16(device: str | torch.device = "cpu") -> bool:
     """True where `compute_dtype` picks bf16 on `device` (as the scorer and the update's autocast do)."""
     return compute_dtype(device) == torch.bfloat16
-
-
-@contextmanager
-def attention_kernels(device: str | torch.device) -> Iterator[None]:
-    """Inside, SDPA on a CUDA GPU uses flash/memory-efficient/math attention, not cuDNN's.
-
-    torch picks cuDNN attention for bf16 on Hopper, and cuDNN builds an execution plan for every new
-    shape: decoding (a new key length each step) and variable-length micro-batches then spend most of
-    their time building plans. On an H200 (torch 2.11) a 32-row rollout took 8.8 s the first time and
-    0.8 s when repeated with the same shapes, and a bf16 update 5.3 s, then 0.9 s
-    (benchmarks/results/perf_gpu_stages.md). A no-op off CUDA.
-    """
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield

@@ -37,8 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gopd_core.attention import cpu_attention
-from gopd_core.hardware import attention_kernels
+from gopd_core.attention import attention_kernels, cpu_attention
 from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
     best_dtype,
@@ -181,11 +180,12 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
-    with cpu_attention(model):  # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA
+    # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA; on CUDA, SDPA without cuDNN's
+    with cpu_attention(model), attention_kernels(device):
         for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
             rows = [sequences[scored[j]] for j in batch]
             input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast), attention_kernels(device):
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
                 # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
                 hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state

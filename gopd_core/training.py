@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gopd_core.attention import cpu_attention
-from gopd_core.hardware import PRECISIONS, attention_kernels, compute_dtype
+from gopd_core.attention import attention_kernels, cpu_attention
+from gopd_core.hardware import PRECISIONS, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from gopd_core.hardware import attention_kernels
+from gopd_core.attention import attention_kernels
 from gopd_core.models import load_tokenizer, prepacked_linears, render_prompt, resident_models
 from gopd_core.rollout import (
     EngineBase,
