@@ -36,7 +36,7 @@ from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import plan_microbatches, store_scores
-from storage.direct_io import DirectFile
+from storage.direct_io import write_torch
 from storage.layout import RunLayout, atomic_directory, write_json_atomic
 from storage.parquet import atomic_file
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
@@ -364,8 +364,8 @@ def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent:
 
     def finish() -> None:
         keep_hash_promise()  # first: the next rollout's checkpoint id waits for it
-        with atomic_file(final / OPTIMIZER_FILE) as tmp, DirectFile(tmp) as sink:
-            torch.save(state, sink)
+        with atomic_file(final / OPTIMIZER_FILE) as tmp:
+            write_torch(state, tmp)
         write_json_atomic(final / TRAINER_STATE_FILE, trainer_state)
 
     resident_models().defer(finish, f"checkpoint-{iteration}")

@@ -11,7 +11,7 @@ stop evicting what the page cache holds for reading (prompts, rollouts, teacher 
 `DirectFile` is a write-only file object (`write`, `flush`, `close`) that does this, and falls back
 to ordinary buffered writes where the filesystem refuses `O_DIRECT` (tmpfs, some network mounts,
 non-Linux systems): same bytes, only slower. It fsyncs on close. `write_safetensors` writes a
-safetensors file through it; `safetensors_chunks` gives the same bytes again (to hash them from
+safetensors file through it, `write_torch` a `torch.save` file; `safetensors_chunks` gives the same bytes again (to hash them from
 memory instead of reading the file back).
 """
 
@@ -155,4 +155,21 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
     with DirectFile(path) as sink:
         for chunk in safetensors_chunks(tensors, metadata):
             sink.write(chunk)
+    return sink.direct_bytes
+
+
+def write_torch(obj: object, path: str | Path) -> int:
+    """`torch.save(obj)` at `path` through `DirectFile`; returns the bytes written with O_DIRECT.
+
+    Without the zip records' CRC-32: `torch.load` never checks it, and computing it cost 0.17 s of CPU per
+    GB (the AdamW state of a 100M-parameter model is 0.8 GB), taken from the stages this write overlaps.
+    The setting is process-wide in torch, so it is restored right after.
+    """
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with DirectFile(path) as sink:
+            torch.save(obj, sink)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
     return sink.direct_bytes

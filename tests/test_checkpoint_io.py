@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 import time
+import zipfile
 
 import pytest
 import torch
@@ -15,7 +16,14 @@ from transformers import AutoModelForCausalLM
 
 import storage.direct_io as direct_io
 from gopd_core.models import _hash_files, model_hash, promise_model_hash, save_model
-from storage.direct_io import ALIGN, STAGING_BYTES, DirectFile, safetensors_chunks, write_safetensors
+from storage.direct_io import (
+    ALIGN,
+    STAGING_BYTES,
+    DirectFile,
+    safetensors_chunks,
+    write_safetensors,
+    write_torch,
+)
 from tests.tiny import build_random_model
 
 
@@ -58,6 +66,18 @@ def test_torch_save_through_a_direct_file_loads_back(tmp_path):
         torch.save(state, sink)
     back = torch.load(tmp_path / "optimizer.pt", weights_only=True)
     assert torch.equal(back["exp_avg"], state["exp_avg"]) and torch.equal(back["nested"]["ids"], state["nested"]["ids"])
+
+
+def test_write_torch_loads_back_without_the_unchecked_crc(tmp_path):
+    state = {"state": {0: {"exp_avg": torch.randn(3000), "step": torch.tensor(2.0)}}, "lr": 1e-4}
+    crc32 = torch.serialization.get_crc32_options()
+    assert write_torch(state, tmp_path / "optimizer.pt") > 0
+    loaded = torch.load(tmp_path / "optimizer.pt")
+    assert torch.equal(loaded["state"][0]["exp_avg"], state["state"][0]["exp_avg"]) and loaded["lr"] == 1e-4
+    assert torch.serialization.get_crc32_options() == crc32  # the process-wide setting is restored
+    with zipfile.ZipFile(tmp_path / "optimizer.pt") as archive:  # torch.save writes a zip; its CRCs were skipped
+        data = [record for record in archive.infolist() if record.filename.split("/")[-2:-1] == ["data"]]
+        assert data and all(record.CRC == 0 for record in data)
 
 
 def test_write_safetensors_is_read_by_safetensors(tmp_path):

@@ -184,6 +184,33 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
     assert (max(differences) > 1e-5) == (kernel == "native-bf16")  # the bf16 kernel really ran, and only there
 
 
+@pytest.mark.parametrize("kernel", ["native", "native-bf16"])
+@pytest.mark.parametrize("architecture", sorted(LEAN_ARCHITECTURES))
+def test_lean_prefill_matches_the_transformers_forward_pass(architecture, kernel, monkeypatch):
+    if kernel == "native-bf16":  # the body under bf16 autocast, the head's linear in bf16
+        if "avx512_bf16" not in hardware.cpu_flags():
+            pytest.skip("this CPU has no AVX512-BF16: the bf16 kernel cannot run here")
+        monkeypatch.setenv(hardware.PRECISION_ENV, "bfloat16")
+    tolerance = 0.1 if kernel == "native-bf16" else 1e-5
+    model_class, config = LEAN_ARCHITECTURES[architecture]
+    torch.manual_seed(4)
+    model = model_class(config).eval()
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    input_ids_BL, mask_BL, positions_BL = left_pad([[5, 9, 11], [7, 3, 8, 20, 21, 2, 4]], pad_id=0)
+    with torch.inference_mode():
+        decoder = LeanDecoder(model)
+        cache, logits_BV = decoder.prefill(model, input_ids_BL, mask_BL, positions_BL)
+        reserve_cache(cache, 4, model.dtype)
+        plain = model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL, use_cache=True)
+    difference = (logits_BV - plain.logits[:, -1]).abs().max().item()
+    assert logits_BV.dtype == torch.float32 and difference < tolerance
+    assert (difference > 1e-5) == (kernel == "native-bf16")  # bf16 really ran, and only there
+    for layer, plain_layer in zip(cache.layers, plain.past_key_values.layers):
+        assert isinstance(layer, ReservedLayer) and layer.keys.dtype == layer.values.dtype == torch.float32
+        assert (layer.keys - plain_layer.keys).abs().max().item() < tolerance * 2
+
+
 class _OffsetRMSNorm(torch.nn.Module):
     """Gemma's form, weight applied as (1 + w): not what `F.rms_norm` computes."""
 

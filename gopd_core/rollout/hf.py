@@ -59,15 +59,18 @@ class ReservedLayer(DynamicLayer):
     place and `keys`/`values` are views of the filled part. The buffer doubles if it ever runs out.
     """
 
-    def __init__(self, keys_BHLD: torch.Tensor, values_BHLD: torch.Tensor, capacity: int) -> None:
+    def __init__(self, keys_BHLD: torch.Tensor, values_BHLD: torch.Tensor, capacity: int,
+                 dtype: torch.dtype | None = None) -> None:
+        """dtype: the buffer's (None: the keys'), e.g. float32 after a prefill under bf16 autocast."""
         super().__init__()
-        self.dtype, self.device, self.is_initialized = keys_BHLD.dtype, keys_BHLD.device, True
+        self.dtype, self.device, self.is_initialized = dtype or keys_BHLD.dtype, keys_BHLD.device, True
         self.length = keys_BHLD.shape[-2]
         self._keys, self._values = self._reserve(keys_BHLD, capacity), self._reserve(values_BHLD, capacity)
+        self._expose()
 
     def _reserve(self, states_BHLD: torch.Tensor, capacity: int) -> torch.Tensor:
         batch, heads, _, dim = states_BHLD.shape
-        buffer = states_BHLD.new_empty((batch, heads, max(capacity, self.length), dim))
+        buffer = states_BHLD.new_empty((batch, heads, max(capacity, self.length), dim), dtype=self.dtype)
         buffer[:, :, : self.length] = states_BHLD[:, :, : self.length]
         return buffer
 
@@ -109,11 +112,12 @@ class ReservedLayer(DynamicLayer):
         self._expose()
 
 
-def reserve_cache(cache, new_tokens: int) -> None:
-    """Swap the plain growing layers of a prefilled cache for `ReservedLayer`s with room for `new_tokens` more."""
+def reserve_cache(cache, new_tokens: int, dtype: torch.dtype | None = None) -> None:
+    """Swap the plain growing layers of a prefilled cache for `ReservedLayer`s with room for `new_tokens` more
+    (in `dtype`, None: the prefill's)."""
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized:  # sliding-window and other layers keep their own
-            cache.layers[index] = ReservedLayer(layer.keys, layer.values, layer.get_seq_length() + new_tokens)
+            cache.layers[index] = ReservedLayer(layer.keys, layer.values, layer.get_seq_length() + new_tokens, dtype)
 
 
 @contextmanager
@@ -222,14 +226,18 @@ class HFEngine(EngineBase):
     ) -> list[tuple[list[int], list[float]]]:
         """Sample `n` responses per prompt; returns (token ids, raw log-probs) per row, prompt-major.
 
-        The prompts are prefilled by the transformers model; decode steps run on `decoder` when given.
+        The prompts are prefilled by the transformers model (its body under bf16 autocast and the head packed,
+        `LeanDecoder.prefill`, when `decoder` is given); decode steps run on `decoder` when given.
         """
         eos_id = self.tokenizer.eos_token_id
         input_ids_BL, mask_BL, positions_BL = (t.to(self.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
-        out = self.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
-                         use_cache=True, logits_to_keep=1)
-        cache, logits_BV = out.past_key_values, out.logits[:, -1]
-        reserve_cache(cache, sampling.max_new_tokens)
+        if decoder is not None:
+            cache, logits_BV = decoder.prefill(self.model, input_ids_BL, mask_BL, positions_BL)
+        else:
+            out = self.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
+                             use_cache=True, logits_to_keep=1)
+            cache, logits_BV = out.past_key_values, out.logits[:, -1]
+        reserve_cache(cache, sampling.max_new_tokens, self.model.dtype)
         if decoder is not None and not all(isinstance(layer, ReservedLayer) for layer in cache.layers):
             decoder = None
         if sampling.n > 1:  # one cache copy per sample, prompt-major
