@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gopd_core.attention import attention_kernels, cpu_attention
+from gopd_core.attention import attention_kernels, cpu_attention, packed_rows, packs_rows
 from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
     best_dtype,
@@ -120,6 +120,45 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int,
     return batches[::-1]
 
 
+def plan_packs(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group row indices into packs of at most `token_budget` tokens in all (rows laid end to end, no padding).
+
+    Longest rows first (an out-of-memory shows up on the first pack), each pack filled in that order until the
+    next row would not fit; a row longer than the budget gets a pack of its own.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    packs: list[list[int]] = []
+    filled = token_budget
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if filled + lengths[i] > token_budget:
+            packs.append([])
+            filled = 0
+        packs[-1].append(i)
+        filled += lengths[i]
+    return packs
+
+
+def _pack_microbatch(
+    rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' inputs (prompt + response[:-1]) end to end in one sequence, for `attention.packed_rows`.
+
+    Returns input_ids_1T, position_ids_1T (restarting at 0 for each row), and for the N response tokens of
+    all rows in order: index_N (the packed position whose hidden state predicts the token) and target_N.
+    """
+    input_ids, positions, index_N, target_N = [], [], [], []
+    for prompt, response in rows:
+        start = len(input_ids)
+        input_ids.extend(prompt)
+        input_ids.extend(response[:-1])
+        positions.extend(range(len(input_ids) - start))
+        index_N.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(response)))
+        target_N.extend(response)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return as_long(input_ids)[None], as_long(positions)[None], as_long(index_N), as_long(target_N)
+
+
 def _pad_microbatch(
     rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,7 +201,8 @@ def response_logprobs(
     """Log-prob of each response token under `model`, one float32 array (len(response),) per row.
 
     sequences: (prompt_token_ids, response_token_ids) per row, in any order and of any lengths.
-    token_budget: most padded tokens (rows x longest row) per forward pass.
+    token_budget: most tokens per forward pass: padded ones (rows x longest row), or, where rows are packed
+        end to end (`attention.packs_rows`: bf16 Llama-family models on CPUs with the native attention), all.
     dtype: compute dtype; None runs in the model's own dtype, another dtype runs under
         torch.autocast (e.g. bfloat16 matmuls over fp32 weights). The logsumexp is always fp32.
     logit_chunk_elements: most logits (tokens x vocab) materialised at once.
@@ -180,17 +220,27 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
+    packed = not autocast and packs_rows(model)
+    plan = (plan_packs(lengths, token_budget) if packed
+            else plan_microbatches(lengths, token_budget, batch_overhead_tokens))
     # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA; on CUDA, SDPA without cuDNN's
     with cpu_attention(model), attention_kernels(device):
-        for batch in plan_microbatches(lengths, token_budget, batch_overhead_tokens):
+        for batch in plan:
             rows = [sequences[scored[j]] for j in batch]
-            input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
-                # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
-                hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
-                logprobs_N = chosen_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
-                                             chunk_tokens)
+            if packed:  # rows end to end in one sequence, attending within themselves: no padding at all
+                input_ids_1T, position_ids_1T, index_N, target_N = _pack_microbatch(rows, device)
+                with packed_rows([lengths[j] for j in batch]):
+                    hidden_TH = decoder(input_ids=input_ids_1T, position_ids=position_ids_1T,
+                                        use_cache=False).last_hidden_state[0]
+                logprobs_N = chosen_logprobs(hidden_TH[index_N], target_N, lm_head, transform, chunk_tokens)
+            else:
+                input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
+                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    # causal mask only (no padding mask): SDPA then skips the blocks above the diagonal,
+                    # ~40% less scoring time on the perf zoo; pad positions' outputs are never read
+                    hidden_BLH = decoder(input_ids=input_ids_BL, use_cache=False).last_hidden_state
+                    logprobs_N = chosen_logprobs(hidden_BLH[row_N, position_N], target_N, lm_head, transform,
+                                                 chunk_tokens)
             ends = np.cumsum([len(response) for _, response in rows])[:-1]
             for j, values in zip(batch, np.split(logprobs_N.float().cpu().numpy(), ends), strict=True):
                 results[scored[j]] = values

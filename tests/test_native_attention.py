@@ -76,7 +76,7 @@ def bf16_llama(heads: int, kv_heads: int, seed: int) -> LlamaForCausalLM:
 
 def count_native_calls(monkeypatch) -> list[int]:
     calls, kernel = [], native.causal_attention
-    monkeypatch.setattr(native, "causal_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(native, "causal_attention", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
     return calls
 
 
@@ -87,17 +87,63 @@ def random_rows(count: int, seed: int) -> list[tuple[list[int], list[int]]]:
 
 
 @needs_bf16
-def test_the_scorer_attends_natively_in_bf16_and_agrees_with_sdpa(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_scorer_attends_natively_in_bf16_and_agrees_with_sdpa(monkeypatch, packed):
     model, sequences = bf16_llama(heads=4, kv_heads=2, seed=0), random_rows(6, seed=0)
+    lengths = [len(p) + len(r) - 1 for p, r in sequences]
     with monkeypatch.context() as sdpa_only:
         sdpa_only.setattr(scoring, "cpu_attention", lambda model: contextlib.nullcontext(False))
+        sdpa_only.setattr(scoring, "packs_rows", lambda model: False)
         sdpa = response_logprobs(model, sequences, token_budget=64)
+    assert attention.packs_rows(model)
+    if not packed:  # the padded micro-batches, as for models the packing does not cover
+        monkeypatch.setattr(scoring, "packs_rows", lambda model: False)
     calls = count_native_calls(monkeypatch)
     ours = response_logprobs(model, sequences, token_budget=64)
-    assert len(calls) == 2 * len(plan_microbatches([len(p) + len(r) - 1 for p, r in sequences], 64))  # 2 layers
+    # 2 layers: once per layer per micro-batch, or per layer per row when the rows are packed
+    assert len(calls) == 2 * (len(sequences) if packed else len(plan_microbatches(lengths, 64)))
     assert model.config._attn_implementation == "sdpa"  # the model is as it was
     differences = np.concatenate([np.abs(a - b) for a, b in zip(ours, sdpa, strict=True)])
     assert 0 < differences.max() < 0.05 and differences.mean() < 0.01  # another kernel, within bf16 rounding
+
+
+def test_packs_hold_whole_rows_longest_first_within_the_budget():
+    # lengths 30, 10, 25, 40, 5 sorted: 40, 30, 25, 10, 5; a budget of 64 takes 40 (+30 would be 70), then 30 + 25
+    # (+10 would be 65), then 10 + 5; a row over the budget is a pack of its own
+    assert scoring.plan_packs([30, 10, 25, 40, 5], 64) == [[3], [0, 2], [1, 4]]
+    assert scoring.plan_packs([100, 3, 4], 64) == [[0], [2, 1]]
+    with pytest.raises(ValueError, match="token_budget"):
+        scoring.plan_packs([3], 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_packed_rows_attend_within_each_row_only(dtype):
+    # float32: SDPA row by row (the native kernel is bf16 only); bf16: the native kernel row by row
+    model, lengths = bf16_llama(heads=4, kv_heads=2, seed=2).to(dtype), [7, 1, 12, 30]
+    input_ids = torch.randint(1, 97, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.inference_mode(), attention.cpu_attention(model):
+        with attention.packed_rows(lengths):
+            packed = model(input_ids, position_ids=positions).logits[0]
+        starts = np.cumsum([0, *lengths])
+        alone = torch.cat([model(input_ids[:, start:start + length]).logits[0]
+                           for start, length in zip(starts, lengths)])
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(packed, alone, atol=tolerance, rtol=tolerance)
+    with torch.inference_mode(), attention.cpu_attention(model):  # outside the block: one causal sequence again
+        whole = model(input_ids).logits[0]
+    assert (whole[starts[1]:] - alone[starts[1]:]).abs().max() > 10 * tolerance
+
+
+def test_rows_are_packed_only_where_that_is_exact_and_native():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    assert not attention.packs_rows(bf16_llama(heads=2, kv_heads=2, seed=0).float())  # float32: padded plan
+    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=8, attn_implementation="sdpa")).to(torch.bfloat16)
+    assert not attention.packs_rows(sliding)
+    assert attention.packs_rows(bf16_llama(heads=2, kv_heads=2, seed=0)) == native.causal_attention_supported(32)
 
 
 @needs_bf16

@@ -211,12 +211,13 @@ def causal_attention_supported(head_dim: int) -> bool:
 
 
 def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values_BKLD: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal self-attention of whole bf16 sequences (`causal_attention.c`): (B, L, H, D) bf16.
 
     queries_BHLD: (B, H, L, D); keys_BKLD / values_BKLD: (B, Hkv, L, D) with the same strides, H a multiple of
     Hkv (grouped-query attention). Any strides with the head dim contiguous, e.g. transformers' transposed
     projections. Position i attends to positions <= i; softmax in float32, weights and values in bf16.
+    out: a contiguous (B, L, H, D) bf16 tensor to write into (e.g. one row's slice of a packed output).
     """
     batch, heads, length, dim = queries_BHLD.shape
     kv_heads = keys_BKLD.shape[1]
@@ -235,7 +236,14 @@ def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values
     if any(t.stride(3) != 1 or any(stride % 2 for stride in t.stride()[:3]) or t.data_ptr() % 4 for t in tensors):
         raise ValueError(f"strides {[t.stride() for t in tensors]}: the head dim must be contiguous and every other "
                          f"stride even (pairs of bf16 are read as 32-bit words)")
-    out_BLHD = queries_BHLD.new_empty((batch, length, heads, dim))
+    if out is None:
+        out_BLHD = queries_BHLD.new_empty((batch, length, heads, dim))
+    elif (tuple(out.shape) != (batch, length, heads, dim) or out.dtype != torch.bfloat16 or out.device.type != "cpu"
+          or not out.is_contiguous()):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} (contiguous: {out.is_contiguous()}) must be a contiguous "
+                         f"bf16 CPU tensor of shape {(batch, length, heads, dim)}")
+    else:
+        out_BLHD = out
     if out_BLHD.numel():
         q_strides = torch.tensor(queries_BHLD.stride()[:3], dtype=torch.int64)
         kv_strides = torch.tensor(keys_BKLD.stride()[:3], dtype=torch.int64)
