@@ -13,11 +13,12 @@ registered transformers attention implementation that a `with cpu_attention(mode
    a narrower sliding window, head sizes the kernel lacks) goes to transformers' SDPA function unchanged.
 The implementation's mask function is SDPA's, so models build exactly the masks they would for SDPA.
 
-Packed rows (the scorer): inside `packed_rows(lengths)`, a forward pass over one sequence of rows laid end
-to end, position ids restarting at each row, attends within each row only, the native kernel run per row
-into one output; no (T, T) mask is built. No padding, one forward pass per micro-batch: 14% fewer
-tokens than the padded plan on the perf zoo's spread rows, five forward passes fewer. `packs_rows(model)`
-says where this is exact: Llama-family models in bf16 whose every layer is full causal attention.
+Packed rows (the scorer and the update): inside `packed_rows(lengths)`, a forward pass over one sequence of
+rows laid end to end, position ids restarting at each row, attends within each row only: the native kernel
+run row by row into one output, else each row by the rules above, joined; no (T, T) mask is built. No
+padding and one forward pass per micro-batch: on the perf zoo's spread rows the padded plan ran 6% more
+tokens in six forward passes. `packs_rows(model)` says where this is exact: Llama-family models whose every
+layer is full causal attention.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def cpu_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     lengths = _ROW_LENGTHS.get()
     if lengths is not None:
         return _attention_by_row(module, query, key, value, lengths, arguments), None
+    return _attend(module, query, key, value, attention_mask, arguments)
+
+
+def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, arguments: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sequence batch's attention by the rules of the module docstring (1 to 3)."""
+    dropout, scaling, is_causal = arguments["dropout"], arguments["scaling"], arguments["is_causal"]
+    kwargs = {name: value for name, value in arguments.items() if name not in ("dropout", "scaling", "is_causal")}
     if _native_applies(query, key, value, attention_mask, dropout, is_causal, module, kwargs):
         if key.stride() != value.stride():
             key, value = key.contiguous(), value.contiguous()
@@ -92,22 +101,22 @@ def _attention_by_row(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if query.shape[0] != 1 or key.shape[2] != total or sum(lengths) != total:
         raise ValueError(f"packed rows of lengths summing to {sum(lengths)} need one sequence of that many queries "
                          f"and keys, got queries {tuple(query.shape)} and keys {tuple(key.shape)}")
-    native_rows = _native_applies(query, key, value, None, arguments["dropout"], arguments["is_causal"], module,
-                                  arguments)
-    if native_rows and key.stride() != value.stride():
-        key, value = key.contiguous(), value.contiguous()
-    scale = dim ** -0.5 if arguments["scaling"] is None else arguments["scaling"]
-    out_1THD = query.new_empty((1, total, heads, dim))
-    start = 0
+    starts = [0]
     for length in lengths:
-        rows = slice(start, start + length)
-        if native_rows:
-            native.causal_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows], scale, out=out_1THD[:, rows])
-        else:
-            out_1THD[:, rows] = sdpa_attention_forward(module, query[:, :, rows], key[:, :, rows], value[:, :, rows],
-                                                       None, **{**arguments, "is_causal": True})[0]
-        start += length
-    return out_1THD
+        starts.append(starts[-1] + length)
+    rows = [slice(start, end) for start, end in zip(starts, starts[1:])]
+    if _native_applies(query, key, value, None, arguments["dropout"], arguments["is_causal"], module, arguments):
+        if key.stride() != value.stride():
+            key, value = key.contiguous(), value.contiguous()
+        scale = dim ** -0.5 if arguments["scaling"] is None else arguments["scaling"]
+        out_1THD = query.new_empty((1, total, heads, dim))
+        for row in rows:  # the kernel writes each row's slice of one output
+            native.causal_attention(query[:, :, row], key[:, :, row], value[:, :, row], scale, out=out_1THD[:, row])
+        return out_1THD
+    # gradients (the update), float32, other heads: each row as its own causal sequence, joined by autograd
+    causal = {**arguments, "is_causal": True}
+    return torch.cat([_attend(module, query[:, :, row], key[:, :, row], value[:, :, row], None, causal)[0]
+                      for row in rows], dim=1)
 
 
 def _mask(*args, **kwargs) -> torch.Tensor | None:
@@ -119,25 +128,25 @@ AttentionInterface.register(ATTENTION, cpu_attention_forward)
 AttentionMaskInterface.register(ATTENTION, _mask)
 
 
-def _switches(model: torch.nn.Module) -> bool:
-    """Whether `cpu_attention` switches `model`: a text-only SDPA transformers model on the CPU."""
+def _switches(model: torch.nn.Module, implementations: tuple[str, ...] = ("sdpa",)) -> bool:
+    """Whether `cpu_attention` switches `model`: a text-only SDPA transformers model on the CPU (with
+    `implementations` ("sdpa", ATTENTION): or has switched it already)."""
     config = getattr(model, "config", None)
     parameter = next(model.parameters(), None)
-    return (config is not None and not config.sub_configs and getattr(config, "_attn_implementation", None) == "sdpa"
+    return (config is not None and not config.sub_configs
+            and getattr(config, "_attn_implementation", None) in implementations
             and parameter is not None and parameter.device.type == "cpu")
 
 
 def packs_rows(model: torch.nn.Module) -> bool:
-    """Whether `packed_rows` is exact and fast for `model`: switched by `cpu_attention`, bf16 weights whose heads
-    the native kernel covers here, a Llama-family model (positions from position ids) without sliding windows."""
-    if not _switches(model):
+    """Whether `packed_rows` is exact for `model`: switched by `cpu_attention`, a Llama-family model (positions
+    from position ids, plain causal layers) without sliding windows."""
+    if not _switches(model, ("sdpa", ATTENTION)):  # also inside its `cpu_attention` block
         return False
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     sliding = getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return (config.model_type in PACKED_ARCHITECTURES and not sliding and layer_types == {"full_attention"}
-            and next(model.parameters()).dtype == torch.bfloat16 and native.causal_attention_supported(head_dim))
+    return config.model_type in PACKED_ARCHITECTURES and not sliding and layer_types == {"full_attention"}
 
 
 @contextlib.contextmanager

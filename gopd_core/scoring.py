@@ -202,7 +202,7 @@ def response_logprobs(
 
     sequences: (prompt_token_ids, response_token_ids) per row, in any order and of any lengths.
     token_budget: most tokens per forward pass: padded ones (rows x longest row), or, where rows are packed
-        end to end (`attention.packs_rows`: bf16 Llama-family models on CPUs with the native attention), all.
+        end to end (`attention.packs_rows`: Llama-family models on the CPU), all of them.
     dtype: compute dtype; None runs in the model's own dtype, another dtype runs under
         torch.autocast (e.g. bfloat16 matmuls over fp32 weights). The logsumexp is always fp32.
     logit_chunk_elements: most logits (tokens x vocab) materialised at once.
@@ -220,7 +220,7 @@ def response_logprobs(
     lengths = [len(sequences[i][0]) + len(sequences[i][1]) - 1 for i in scored]
     if batch_overhead_tokens is None:
         batch_overhead_tokens = BATCH_OVERHEAD_TOKENS_BY_DEVICE.get(device.type, BATCH_OVERHEAD_TOKENS)
-    packed = not autocast and packs_rows(model)
+    packed = packs_rows(model)
     plan = (plan_packs(lengths, token_budget) if packed
             else plan_microbatches(lengths, token_budget, batch_overhead_tokens))
     # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA; on CUDA, SDPA without cuDNN's
@@ -229,10 +229,11 @@ def response_logprobs(
             rows = [sequences[scored[j]] for j in batch]
             if packed:  # rows end to end in one sequence, attending within themselves: no padding at all
                 input_ids_1T, position_ids_1T, index_N, target_N = _pack_microbatch(rows, device)
-                with packed_rows([lengths[j] for j in batch]):
+                with packed_rows([lengths[j] for j in batch]), torch.autocast(device.type, dtype=dtype,
+                                                                               enabled=autocast):
                     hidden_TH = decoder(input_ids=input_ids_1T, position_ids=position_ids_1T,
                                         use_cache=False).last_hidden_state[0]
-                logprobs_N = chosen_logprobs(hidden_TH[index_N], target_N, lm_head, transform, chunk_tokens)
+                    logprobs_N = chosen_logprobs(hidden_TH[index_N], target_N, lm_head, transform, chunk_tokens)
             else:
                 input_ids_BL, row_N, position_N, target_N = _pad_microbatch(rows, device)
                 with torch.autocast(device.type, dtype=dtype, enabled=autocast):

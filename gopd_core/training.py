@@ -6,8 +6,9 @@
    the row's own domain teacher via `select_teacher_logprobs`). With no stored student set (one
    optimizer step over all rollouts), the step's own forward pass gives the student's log-probs
    before the update; they are used as the scoring pass's would be, and stored as its score set.
-3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches packed by a
-   padded-token budget; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
+3. Split rows into `minibatches`; each is one AdamW step, accumulated over micro-batches within a token
+   budget: rows laid end to end where the model allows it (`attention.packs_rows`, no padding), else
+   right-padded; loss = `objectives.policy_loss` with truncated IS weights vs the rollout engine
    (or `objectives.sft_loss` for the off-policy SFT baseline, picked by `LossSettings.objective`).
 4. Save the new weights (HF dir, safetensors) atomically, around the page cache (`models.save_model`,
    `storage.direct_io`); return per-step metrics. The optimizer
@@ -30,12 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gopd_core.attention import attention_kernels, cpu_attention
+from gopd_core.attention import attention_kernels, cpu_attention, packed_rows, packs_rows
 from gopd_core.hardware import PRECISIONS, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
-from gopd_core.scoring import plan_microbatches, store_scores
+from gopd_core.scoring import plan_microbatches, plan_packs, store_scores
 from storage.direct_io import write_torch
 from storage.layout import RunLayout, atomic_directory, write_json_atomic
 from storage.parquet import atomic_file
@@ -155,6 +156,30 @@ def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention
     return sampled_token_logprobs(model, hidden_BTH.reshape(batch * width, -1), targets_BT.reshape(-1)).view(batch, width)
 
 
+def packed_token_logprobs(model: torch.nn.Module, input_ids: list[np.ndarray], response_starts: list[int],
+                          device: str) -> torch.Tensor:
+    """`token_logprobs` of rows laid end to end in one sequence (`attention.packed_rows`): (B, T) float32, T the
+    longest response, zeros past each row's own. No padding anywhere, and the head runs at response tokens only.
+
+    input_ids: each row's prompt + response ids; response_starts: where each row's response begins.
+    """
+    lengths = [len(ids) for ids in input_ids]
+    input_ids_T = torch.from_numpy(np.concatenate(input_ids)).to(device)
+    position_ids_1T = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
+    width = max(length - start for length, start in zip(lengths, response_starts))
+    targets, rows, columns, offset = [], [], [], 0
+    for b, (length, start) in enumerate(zip(lengths, response_starts)):
+        targets.append(np.arange(offset + start, offset + length))  # each predicted by the position before it
+        rows.append(np.full(length - start, b))
+        columns.append(np.arange(length - start))
+        offset += length
+    target_N, row_N, column_N = (torch.from_numpy(np.concatenate(v)).to(device) for v in (targets, rows, columns))
+    with packed_rows(lengths):
+        hidden_TH = model.get_decoder()(input_ids=input_ids_T[None], position_ids=position_ids_1T).last_hidden_state[0]
+    logprobs_N = sampled_token_logprobs(model, hidden_TH[target_N - 1], input_ids_T[target_N])
+    return logprobs_N.new_zeros((len(lengths), width)).index_put((row_N, column_N), logprobs_N)
+
+
 def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str, torch.Tensor]:
     lengths = [len(rows.input_ids[i]) for i in indices]
     response_lengths = [len(rows.teacher_logprobs[i]) for i in indices]
@@ -241,13 +266,17 @@ def _minibatch_step(model, optimizer, rows: UpdateRows, minibatch: list[int], lo
     per_seq = loss_settings.aggregation != "token-mean"
     sums: dict[str, float] = {}
     lengths = [len(rows.input_ids[i]) for i in minibatch]
-    for group in pack_by_token_budget(lengths, token_budget):
+    packed = packs_rows(model)  # rows end to end, no padding (attention.packed_rows)
+    for group in plan_packs(lengths, token_budget) if packed else pack_by_token_budget(lengths, token_budget):
         indices = [minibatch[g] for g in group]
         batch = _micro_batch(rows, indices, device)
-        # rows are right-padded: no padding mask needed (see token_logprobs)
         with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
-                                         batch["mask"].shape[1])  # fp32 log-probs either way
+            if packed:
+                logprobs_BT = packed_token_logprobs(model, [rows.input_ids[i] for i in indices],
+                                                    [rows.response_start[i] for i in indices], device)
+            else:  # rows are right-padded: no padding mask needed (see token_logprobs)
+                logprobs_BT = token_logprobs(model, batch["input_ids"], None, batch["response_start"],
+                                             batch["mask"].shape[1])  # fp32 log-probs either way
         if "old" not in batch:  # the weights are still the rollout's: this forward pass scores the student
             batch["old"] = logprobs_BT.detach() * batch["mask"]
             batch["advantages"] = gopd_advantages(batch["old"], batch["teacher"], batch.get("reference"),

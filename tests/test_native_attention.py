@@ -135,15 +135,21 @@ def test_packed_rows_attend_within_each_row_only(dtype):
     assert (whole[starts[1]:] - alone[starts[1]:]).abs().max() > 10 * tolerance
 
 
-def test_rows_are_packed_only_where_that_is_exact_and_native():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_rows_are_packed_only_where_that_is_exact():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-    assert not attention.packs_rows(bf16_llama(heads=2, kv_heads=2, seed=0).float())  # float32: padded plan
+    model = bf16_llama(heads=2, kv_heads=2, seed=0)
+    assert attention.packs_rows(model) and attention.packs_rows(model.float())  # any dtype: SDPA row by row
+    with attention.cpu_attention(model):  # the update asks inside its block
+        assert attention.packs_rows(model)
     sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=2, use_sliding_window=True,
-                                           sliding_window=8, attn_implementation="sdpa")).to(torch.bfloat16)
-    assert not attention.packs_rows(sliding)
-    assert attention.packs_rows(bf16_llama(heads=2, kv_heads=2, seed=0)) == native.causal_attention_supported(32)
+                                           sliding_window=8, attn_implementation="sdpa"))
+    assert not attention.packs_rows(sliding)  # a window would reach across rows' starts differently
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, attn_implementation="sdpa"))
+    assert not attention.packs_rows(gpt2)  # not a family whose positions are known to come from position ids
+    model.config._attn_implementation = "eager"
+    assert not attention.packs_rows(model)  # not switched by cpu_attention
 
 
 @needs_bf16

@@ -14,6 +14,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import gopd_core.scoring as scoring
+from gopd_core.attention import cpu_attention, packs_rows
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import VocabularyMismatchError, load_model, load_tokenizer, model_hash, render_prompt
 from gopd_core.scoring import (
@@ -24,7 +25,7 @@ from gopd_core.scoring import (
     score_rollouts,
 )
 from gopd_core.tokenizer import build_tokenizer, save_tokenizer
-from gopd_core.training import token_logprobs
+from gopd_core.training import packed_token_logprobs, token_logprobs
 from storage.layout import RunLayout
 from storage.parquet import list_shards, read_shards, write_shard
 from storage.schemas import ROLLOUTS, SCORES
@@ -374,6 +375,40 @@ def test_update_log_probs_need_no_padding_mask_for_right_padded_rows(zoo):
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(causal_BT[b, :len(response)].numpy(), full_pass_logprobs(model, prompt, response),
                                    atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_update_log_probs_and_gradients_match_the_padded_ones(zoo, autocast):
+    # training.packed_token_logprobs lays the rows end to end (attention.packed_rows): the same log-probs as
+    # right-padded rows, zeros past each row's response, and the same gradients through them
+    model = load_model(zoo["student"], dtype=torch.float32)
+    rows = [row for row in random_sequences(seed=6) if row[1]][:5]
+    width, longest = max(len(r) for _, r in rows), max(len(p) + len(r) for p, r in rows)
+    input_ids_BL = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, (prompt, response) in enumerate(rows):
+        input_ids_BL[b, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+    starts_B = torch.tensor([len(prompt) for prompt, _ in rows])
+    mask_BT = torch.zeros(len(rows), width)
+    for b, (_, response) in enumerate(rows):
+        mask_BT[b, :len(response)] = 1
+    assert packs_rows(model)
+    results = {}
+    for packed in (False, True):
+        model.zero_grad()
+        with cpu_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if packed:
+                logprobs_BT = packed_token_logprobs(model, [np.asarray(p + r) for p, r in rows], starts_B.tolist(),
+                                                    "cpu")
+            else:
+                logprobs_BT = token_logprobs(model, input_ids_BL, None, starts_B, width) * mask_BT
+        (logprobs_BT * mask_BT).sum().backward()
+        results[packed] = (logprobs_BT.detach(), model.lm_head.weight.grad.clone(),
+                           model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    tolerance = 0.05 if autocast else 1e-4
+    assert results[True][0].shape == (len(rows), width)
+    assert torch.equal(results[True][0] * (1 - mask_BT), torch.zeros_like(mask_BT))  # zeros past each response
+    for padded, packed in zip(results[False], results[True]):
+        torch.testing.assert_close(packed, padded, atol=tolerance * max(1.0, padded.abs().max().item()), rtol=0)
 
 
 class _Head(torch.nn.Module):
