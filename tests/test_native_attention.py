@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gopd_core import attention, hardware, scoring
+from gopd_core import attention, hardware, head_logprobs, scoring
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.rollout import native
 from gopd_core.scoring import plan_microbatches, response_logprobs
@@ -201,6 +201,39 @@ def test_short_bf16_training_attention_runs_in_float32(length, float32):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             masked, _ = attention.cpu_attention_forward(module, queries, keys, values, mask)
         torch.testing.assert_close(masked, got, atol=1e-2, rtol=1e-2)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows, vocab", [(3, 1), (5, 17), (7, 259), (4, 32000), (9, 151936)])
+def test_bf16_logsumexp_matches_torch(rows, vocab):
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 4).bfloat16()
+    got = native.logsumexp_bf16(logits)
+    torch.testing.assert_close(got, torch.logsumexp(logits.float(), dim=-1), atol=3e-5, rtol=1e-6)
+    strided = torch.cat([logits, logits], dim=1)[:, vocab // 2: vocab // 2 + vocab]  # rows with a stride
+    torch.testing.assert_close(native.logsumexp_bf16(strided), torch.logsumexp(strided.float(), dim=-1),
+                               atol=3e-5, rtol=1e-6)
+
+
+@needs_bf16
+def test_bf16_logsumexp_keeps_torchs_special_values_and_refuses_other_inputs():
+    logits = torch.randn(5, 40).bfloat16()
+    logits[0, 3], logits[1], logits[2, 7], logits[3, :30] = float("nan"), float("-inf"), float("inf"), float("-inf")
+    torch.testing.assert_close(native.logsumexp_bf16(logits), torch.logsumexp(logits.float(), dim=-1), equal_nan=True)
+    with pytest.raises(ValueError, match="bf16 CPU logits"):
+        native.logsumexp_bf16(logits.float())
+
+
+@needs_bf16
+def test_bf16_scoring_takes_the_fused_logsumexp(monkeypatch):
+    model, sequences = bf16_llama(heads=2, kv_heads=2, seed=3), random_rows(4, seed=3)
+    calls, kernel = [], native.logsumexp_bf16
+    monkeypatch.setattr(native, "logsumexp_bf16", lambda logits: calls.append(logits.shape) or kernel(logits))
+    fused = response_logprobs(model, sequences)
+    assert calls  # the scorer's bf16 logits went through the kernel
+    monkeypatch.setattr(native, "logsumexp_bf16", kernel)
+    monkeypatch.setattr(head_logprobs, "_native_logsumexp", lambda logits: False)
+    plain = response_logprobs(model, sequences)
+    assert max(np.abs(a - b).max() for a, b in zip(fused, plain, strict=True)) < 1e-4
 
 
 def test_the_head_backward_runs_in_the_autocast_dtype_on_cpu():

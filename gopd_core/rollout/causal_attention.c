@@ -205,3 +205,47 @@ AVX512BF16 int causal_attention_bf16(const uint16_t *q, const int64_t *q_strides
     free(values);
     return failed ? -1 : 0;
 }
+
+/* bf16 -> float32 for 16 values: the bf16 bits are the float's upper half. */
+INLINE AVX512BF16 __m512 load_bf16(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+INLINE AVX512BF16 __m512 load_bf16_tail(const uint16_t *x, __mmask16 live, float fill) {
+    __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, x)), 16);
+    return _mm512_mask_blend_ps(live, _mm512_set1_ps(fill), _mm512_castsi512_ps(bits));
+}
+
+/* log sum_v e^(logits[n, v]) in float32 for each of N rows of V bf16 logits (row n at logits + n * stride):
+ * the scorer's logsumexp without a float32 copy of the logits. Two passes per row, the maximum then the sum of
+ * e^(x - max), the second from the L2 cache (a row of 151,936 bf16 logits is 297 KB). Rows split across threads. */
+AVX512BF16 void logsumexp_bf16(const uint16_t *logits, int64_t N, int64_t V, int64_t stride, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint16_t *row = logits + n * stride;
+        const int64_t full = V / 16 * 16;
+        const __mmask16 tail = (__mmask16)((1u << (V - full)) - 1u);
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (int64_t v = 0; v < full; v += 16) {
+            __m512 x = load_bf16(row + v);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            top = _mm512_max_ps(top, x);
+        }
+        if (tail) {
+            __m512 x = load_bf16_tail(row + full, tail, -INFINITY);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            top = _mm512_max_ps(top, x);
+        }
+        const float peak = _mm512_reduce_max_ps(top);
+        if (nan || peak == INFINITY || peak == -INFINITY) {  /* as torch's logsumexp: NaN, +inf, or all -inf */
+            out[n] = nan ? NAN : peak;
+            continue;
+        }
+        const __m512 shift = _mm512_set1_ps(peak);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t v = 0; v < full; v += 16) total = _mm512_add_ps(total, exp16(_mm512_sub_ps(load_bf16(row + v), shift)));
+        if (tail) total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(load_bf16_tail(row + full, tail, 0.0f), shift))));
+        out[n] = peak + logf(_mm512_reduce_add_ps(total));
+    }
+}

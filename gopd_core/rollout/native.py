@@ -108,6 +108,7 @@ def _library() -> ctypes.CDLL | None:
                                               ctypes.c_float, pointer, ctypes.c_int]
     library.causal_attention_bf16.restype = ctypes.c_int
     library.pack_blocks.argtypes = [pointer, size, size, ctypes.c_int, pointer, ctypes.c_int]
+    library.logsumexp_bf16.argtypes = [pointer, size, size, size, pointer, ctypes.c_int]
     library.pack_blocks.restype = None
     return library
 
@@ -255,3 +256,22 @@ def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values
             raise MemoryError(f"causal_attention could not allocate its scratch for {batch} rows x {length} positions "
                               f"x {kv_heads} kv heads x head size {dim} (about twice the keys' and values' bytes)")
     return out_BLHD
+
+
+def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last dim of (N, V) bf16 CPU logits, in float32 (N,), without a float32 copy of them
+    (`causal_attention.c`; AVX512-BF16 CPUs, see `bf16_available`). Rows may be strided, entries contiguous."""
+    if logits_NV.dtype != torch.bfloat16 or logits_NV.device.type != "cpu" or logits_NV.dim() != 2:
+        raise ValueError(f"logsumexp_bf16 takes (N, V) bf16 CPU logits, got {tuple(logits_NV.shape)} "
+                         f"{logits_NV.dtype} on {logits_NV.device}")
+    if not bf16_available():
+        raise ValueError(f"logsumexp_bf16 needs AVX512-BF16 ({unavailable_reason() or 'not reported by this CPU'})")
+    if logits_NV.shape[1] and logits_NV.stride(1) != 1:
+        logits_NV = logits_NV.contiguous()
+    out_N = torch.empty(logits_NV.shape[0], dtype=torch.float32)
+    if logits_NV.shape[1] == 0:
+        return out_N.fill_(float("-inf"))
+    if out_N.numel():
+        _library().logsumexp_bf16(logits_NV.data_ptr(), logits_NV.shape[0], logits_NV.shape[1], logits_NV.stride(0),
+                                  out_N.data_ptr(), torch.get_num_threads())
+    return out_N
