@@ -133,6 +133,8 @@ def _scoring_lines(results: dict) -> list[str]:
                      f"{workload['response_lengths'][1]} tokens, {workload['processed_tokens']} processed tokens "
                      f"({workload['padded_to_longest_tokens']} if padded to the longest); ours is "
                      f"**{scoring['speedup_vs_naive']}x** the naive scorer (token budget {scoring['token_budget']}); "
+                     f"runs (interleaved, the fastest counts) ours {scoring['seconds_per_run']['ours']} s, naive "
+                     f"{scoring['seconds_per_run']['naive']} s; "
                      f"max |ours - naive| = {scoring['max_abs_logprob_diff_vs_naive']:.1e}"
                      + (f", max |vLLM - ours| = {scoring['vllm']['max_abs_logprob_diff_vs_ours']:.1e}"
                         if "vllm" in scoring else "")
