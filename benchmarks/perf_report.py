@@ -625,6 +625,20 @@ def _field_floor(result: dict, rollout_s: float, generate_s: float, peak: float)
             f"{budget:.2f} s (half of TRL's faster step), which {left}. ")
 
 
+def _field_gap(result: dict, stages: dict[str, float], peak: float) -> str:
+    """How far gopd's step is from a 2x one, and the rate its scoring and update ran those passes at."""
+    gflop = result.get("passes_gflop_per_step")
+    faster_trl = min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", float("inf")))
+    if gflop is None:
+        return ""
+    passes_s = stages["score"] + stages["update"]
+    return (f"gopd's step is {result['gopd']['median_step_s'] - faster_trl / 2:.2f} s longer than a 2x step; its scoring "
+            f"and update ran those passes in {passes_s:.2f} s ({gflop / passes_s:.0f} GFLOP/s, "
+            f"{_pct(gflop / passes_s / peak)} of the peak, checkpoint writing included). The update's checkpoint work "
+            "that overlaps the next rollout (the weights' sha256 for the checkpoint id, the AdamW state) takes that "
+            "rollout's CPU time too (item 28). ")
+
+
 def _same_allocator_cell(result: dict) -> str:
     if result.get("speedup_same_allocator") is None:
         return f"n/a (gopd on {result['gopd'].get('allocator', 'system')})"
@@ -728,8 +742,8 @@ def _why(target: str, results: dict) -> str:
         split = (f"gopd's step: rollout {stages['rollout']:.2f} s, teacher scoring {stages['score']:.2f} s, update "
                  f"{stages['update']:.2f} s; TRL's: generate {generate:.2f} s, then its teacher forward, student "
                  f"forward and backward and loss {trl['median_step_s'] - generate:.2f} s. ") + _allocator_share(result)
-        split += _field_floor(result, stages["rollout"], generate, best_bf16_peak(results)
-                              if results["machine"].get("native_bf16") else best_fp32_peak(results))
+        peak = best_bf16_peak(results) if results["machine"].get("native_bf16") else best_fp32_peak(results)
+        split += _field_floor(result, stages["rollout"], generate, peak) + _field_gap(result, stages, peak)
         if result.get("vocab_size", 259) == 259:
             return split + (
                 "With the zoo's 259-token vocabulary TRL's full-vocabulary loss costs no more than gopd's "
