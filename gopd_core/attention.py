@@ -24,6 +24,7 @@ layer is full causal attention.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
@@ -101,10 +102,8 @@ def _attention_by_row(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if query.shape[0] != 1 or key.shape[2] != total or sum(lengths) != total:
         raise ValueError(f"packed rows of lengths summing to {sum(lengths)} need one sequence of that many queries "
                          f"and keys, got queries {tuple(query.shape)} and keys {tuple(key.shape)}")
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
-    rows = [slice(start, end) for start, end in zip(starts, starts[1:])]
+    bounds = list(itertools.accumulate(lengths, initial=0))
+    rows = [slice(start, end) for start, end in zip(bounds, bounds[1:])]
     if _native_applies(query, key, value, None, arguments["dropout"], arguments["is_causal"], module, arguments):
         if key.stride() != value.stride():
             key, value = key.contiguous(), value.contiguous()

@@ -139,24 +139,26 @@ def plan_packs(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return packs
 
 
-def _pack_microbatch(
-    rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_rows(
+    rows: list[tuple[Sequence[int], Sequence[int]]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Rows' inputs (prompt + response[:-1]) end to end in one sequence, for `attention.packed_rows`.
 
-    Returns input_ids_1T, position_ids_1T (restarting at 0 for each row), and for the N response tokens of
-    all rows in order: index_N (the packed position whose hidden state predicts the token) and target_N.
+    Returns input_ids_1T, position_ids_1T (restarting at 0 for each row), for the N response tokens of all
+    rows in order index_N (the packed position whose hidden state predicts the token) and target_N, and
+    each row's packed length (what `packed_rows` takes). The scorer's and the update's packing.
     """
-    input_ids, positions, index_N, target_N = [], [], [], []
+    input_ids, positions, index_N, target_N, lengths = [], [], [], [], []
     for prompt, response in rows:
         start = len(input_ids)
         input_ids.extend(prompt)
         input_ids.extend(response[:-1])
-        positions.extend(range(len(input_ids) - start))
+        lengths.append(len(input_ids) - start)
+        positions.extend(range(lengths[-1]))
         index_N.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(response)))
         target_N.extend(response)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return as_long(input_ids)[None], as_long(positions)[None], as_long(index_N), as_long(target_N)
+    return as_long(input_ids)[None], as_long(positions)[None], as_long(index_N), as_long(target_N), lengths
 
 
 def _pad_microbatch(
@@ -228,9 +230,8 @@ def response_logprobs(
         for batch in plan:
             rows = [sequences[scored[j]] for j in batch]
             if packed:  # rows end to end in one sequence, attending within themselves: no padding at all
-                input_ids_1T, position_ids_1T, index_N, target_N = _pack_microbatch(rows, device)
-                with packed_rows([lengths[j] for j in batch]), torch.autocast(device.type, dtype=dtype,
-                                                                               enabled=autocast):
+                input_ids_1T, position_ids_1T, index_N, target_N, row_lengths = pack_rows(rows, device)
+                with packed_rows(row_lengths), torch.autocast(device.type, dtype=dtype, enabled=autocast):
                     hidden_TH = decoder(input_ids=input_ids_1T, position_ids=position_ids_1T,
                                         use_cache=False).last_hidden_state[0]
                     logprobs_N = chosen_logprobs(hidden_TH[index_N], target_N, lm_head, transform, chunk_tokens)

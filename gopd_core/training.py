@@ -36,7 +36,7 @@ from gopd_core.hardware import PRECISIONS, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
 from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
-from gopd_core.scoring import plan_microbatches, plan_packs, store_scores
+from gopd_core.scoring import pack_rows, plan_microbatches, plan_packs, store_scores
 from storage.direct_io import write_torch
 from storage.layout import RunLayout, atomic_directory, write_json_atomic
 from storage.parquet import atomic_file
@@ -158,26 +158,21 @@ def token_logprobs(model: torch.nn.Module, input_ids_BL: torch.Tensor, attention
 
 def packed_token_logprobs(model: torch.nn.Module, input_ids: list[np.ndarray], response_starts: list[int],
                           device: str) -> torch.Tensor:
-    """`token_logprobs` of rows laid end to end in one sequence (`attention.packed_rows`): (B, T) float32, T the
-    longest response, zeros past each row's own. No padding anywhere, and the head runs at response tokens only.
+    """`token_logprobs` of rows laid end to end in one sequence (`scoring.pack_rows`, `attention.packed_rows`):
+    (B, T) float32, T the longest response, zeros past each row's own. No padding anywhere, and the head runs
+    at response tokens only.
 
     input_ids: each row's prompt + response ids; response_starts: where each row's response begins.
     """
-    lengths = [len(ids) for ids in input_ids]
-    input_ids_T = torch.from_numpy(np.concatenate(input_ids)).to(device)
-    position_ids_1T = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
-    width = max(length - start for length, start in zip(lengths, response_starts))
-    targets, rows, columns, offset = [], [], [], 0
-    for b, (length, start) in enumerate(zip(lengths, response_starts)):
-        targets.append(np.arange(offset + start, offset + length))  # each predicted by the position before it
-        rows.append(np.full(length - start, b))
-        columns.append(np.arange(length - start))
-        offset += length
-    target_N, row_N, column_N = (torch.from_numpy(np.concatenate(v)).to(device) for v in (targets, rows, columns))
-    with packed_rows(lengths):
-        hidden_TH = model.get_decoder()(input_ids=input_ids_T[None], position_ids=position_ids_1T).last_hidden_state[0]
-    logprobs_N = sampled_token_logprobs(model, hidden_TH[target_N - 1], input_ids_T[target_N])
-    return logprobs_N.new_zeros((len(lengths), width)).index_put((row_N, column_N), logprobs_N)
+    rows = [(ids[:start].tolist(), ids[start:].tolist()) for ids, start in zip(input_ids, response_starts)]
+    input_ids_1T, position_ids_1T, index_N, target_N, row_lengths = pack_rows(rows, device)
+    with packed_rows(row_lengths):
+        hidden_TH = model.get_decoder()(input_ids=input_ids_1T, position_ids=position_ids_1T).last_hidden_state[0]
+    logprobs_N = sampled_token_logprobs(model, hidden_TH[index_N], target_N)
+    widths = torch.tensor([len(response) for _, response in rows])
+    row_N = torch.repeat_interleave(torch.arange(len(rows)), widths).to(device)
+    column_N = torch.cat([torch.arange(width) for width in widths.tolist()]).to(device)
+    return logprobs_N.new_zeros((len(rows), int(widths.max()))).index_put((row_N, column_N), logprobs_N)
 
 
 def _micro_batch(rows: UpdateRows, indices: list[int], device: str) -> dict[str, torch.Tensor]:
