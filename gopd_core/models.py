@@ -294,8 +294,11 @@ class SavedModel:
     config: bytes
     files: list[tuple[str, dict, dict | None]]
     complete: bool  # the files hashed here are exactly those `model_hash` reads
+    written_hash: str | None = None  # `model_hash`, taken from the bytes as they were written, when it could be
 
     def content_hash(self) -> str:
+        if self.written_hash is not None:
+            return self.written_hash
         return _content_hash([("config.json", [self.config]),
                               *((name, safetensors_chunks(tensors, metadata)) for name, tensors, metadata in self.files)])
 
@@ -304,13 +307,24 @@ def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
     """`save_pretrained` into `directory`, its safetensors written around the page cache.
 
     transformers decides what is saved (tied weights dropped, shards, config); only the bytes go
-    through `storage.direct_io.write_safetensors`. Hashing them (~0.7 s per GB) is left out of the
-    write: `promise_model_hash` takes it later, from memory (`SavedModel`).
+    through `storage.direct_io.write_safetensors`, which hashes them (`model_hash`, ~0.6 s per GB) while
+    the device writes them: transformers writes config.json first, so the hash can start with it. Where
+    it did not (or the files turn out otherwise than hashed), `promise_model_hash` takes the hash
+    later, from memory (`SavedModel`).
     """
     files: list[tuple[str, dict, dict | None]] = []
+    config = directory / "config.json"
+    hashed: dict = {}
 
     def write_shard(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        write_safetensors(tensors, filename, metadata)
+        if not files and config.exists():
+            hashed["config"], hashed["digest"] = config.read_bytes(), hashlib.sha256()
+            hashed["digest"].update(b"config.json")
+            hashed["digest"].update(hashed["config"])
+        digest = hashed.get("digest")
+        if digest is not None:
+            digest.update(Path(filename).name.encode())
+        write_safetensors(tensors, filename, metadata, digest)
         files.append((Path(filename).name, tensors, metadata))
 
     with _SAVE_LOCK:
@@ -323,8 +337,10 @@ def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
         raise RuntimeError("transformers saved the model without `modeling_utils.safe_save_file`: "
                            "gopd's checkpoint writer no longer matches this transformers version")
     saved = [Path(name).name for name, _, _ in _weights_stamp(directory)]
-    return SavedModel((directory / "config.json").read_bytes(), files,
-                      complete=saved == ["config.json", *(name for name, _, _ in files)])
+    config_bytes = config.read_bytes()
+    complete = saved == ["config.json", *(name for name, _, _ in files)]
+    written = hashed["digest"].hexdigest()[:16] if complete and hashed.get("config") == config_bytes else None
+    return SavedModel(config_bytes, files, complete=complete, written_hash=written)
 
 
 def promise_model_hash(path: str | Path, saved: SavedModel) -> Callable[[], None]:
@@ -337,6 +353,8 @@ def promise_model_hash(path: str | Path, saved: SavedModel) -> Callable[[], None
     if not saved.complete:
         return lambda: None
     promised: Future = Future()
+    if saved.written_hash is not None:  # hashed as it was written: nothing left to do
+        promised.set_result(saved.written_hash)
     _SAVED_HASHES[_weights_stamp(Path(path))] = promised
 
     def keep() -> None:

@@ -23,6 +23,7 @@ import json
 import mmap
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,11 +45,15 @@ class DirectFile:
 
     Bytes are gathered in a page-aligned staging buffer and written in whole `STAGING_BYTES`
     blocks with `O_DIRECT`; the last partial block goes through the page cache (it is not aligned).
+    There are two staging buffers: a full one is written by a writer thread while the caller fills
+    the other (and hashes what it staged, given a `digest`), so the copy and the hashing run during
+    the device's writes instead of after them.
     `direct_bytes` counts the bytes written with `O_DIRECT` (0 where the filesystem refused it).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.direct_bytes = 0
+    def __init__(self, path: str | Path, digest=None) -> None:
+        """digest: a hashlib object fed every byte written, each staged piece while the device writes it."""
+        self.direct_bytes, self._digest = 0, digest
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd = os.open(path, flags | O_DIRECT, 0o644)
@@ -57,8 +62,11 @@ class DirectFile:
             if err.errno != errno.EINVAL:
                 raise
             self._fd, self.direct = os.open(path, flags, 0o644), False
-        self._buffer = mmap.mmap(-1, STAGING_BYTES)
-        self._view, self._filled = memoryview(self._buffer), 0
+        self._buffers = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._view, self._filled = self._views[0], 0
+        self._writer: ThreadPoolExecutor | None = None  # started with the first full buffer
+        self._pending: Future | None = None  # the write in flight, of the buffer not being filled
 
     def __enter__(self) -> DirectFile:
         return self
@@ -72,11 +80,14 @@ class DirectFile:
         done = 0
         while done < len(source):
             take = min(len(source) - done, STAGING_BYTES - self._filled)
-            self._view[self._filled:self._filled + take] = source[done:done + take]
+            piece = source[done:done + take]
+            self._view[self._filled:self._filled + take] = piece
             self._filled += take
             done += take
             if self._filled == STAGING_BYTES:
-                self._drain(STAGING_BYTES)
+                self._hand_over()
+            if self._digest is not None:
+                self._digest.update(piece)  # releases the GIL: runs while the writer thread writes
         return len(source)
 
     def flush(self) -> None:
@@ -86,33 +97,55 @@ class DirectFile:
         if self._fd < 0:
             return
         try:
+            self._wait()
             aligned = self._filled - self._filled % ALIGN
             if aligned:
-                self._drain(aligned)
+                self._write_out(self._view, aligned)
             self._set_direct(False)  # the unaligned tail goes through the page cache
-            self._drain(self._filled)
+            self._write_out(self._view[aligned:self._filled], self._filled - aligned)
             os.fsync(self._fd)
         finally:
+            try:
+                self._wait()  # an error above may leave a write in flight: it ends before the file closes
+            except OSError:
+                pass
+            if self._writer is not None:
+                self._writer.shutdown()
             os.close(self._fd)
             self._fd = -1
-            self._view.release()
-            self._buffer.close()
+            for view, buffer in zip(self._views, self._buffers):
+                try:
+                    view.release()
+                    buffer.close()
+                except BufferError:  # a failed write's traceback still holds a slice: the collector frees it
+                    pass
 
-    def _drain(self, count: int) -> None:
-        """Write the first `count` staged bytes and move the rest (fewer than ALIGN) to the front."""
+    def _hand_over(self) -> None:
+        """The full staging buffer goes to the writer thread; filling goes on in the other one."""
+        self._wait()  # the other buffer's write: at most one in flight
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gopd-direct-write")
+        self._pending = self._writer.submit(self._write_out, self._view, STAGING_BYTES)
+        self._view = self._views[1] if self._view is self._views[0] else self._views[0]
+        self._filled = 0
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the writer's error here
+
+    def _write_out(self, view: memoryview, count: int) -> None:
+        """Write the first `count` bytes of `view` (the writer thread's work, and `close`'s)."""
         written = 0
         while written < count:
             try:
-                step = os.write(self._fd, self._view[written:count])
+                step = os.write(self._fd, view[written:count])
                 written += step
                 self.direct_bytes += step if self.direct else 0
             except OSError as err:
                 if err.errno != errno.EINVAL or not self.direct:
                     raise
                 self._set_direct(False)  # the filesystem took the flag at open but refuses the write
-        rest = self._filled - count
-        self._view[:rest] = self._view[count:self._filled]
-        self._filled = rest
 
     def _set_direct(self, on: bool) -> None:
         if not self.direct or on:
@@ -150,9 +183,13 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                      metadata: Mapping[str, str] | None = None) -> int:
-    """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT."""
-    with DirectFile(path) as sink:
+                      metadata: Mapping[str, str] | None = None, digest=None) -> int:
+    """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT.
+
+    digest: a hashlib object that is fed the file's bytes as they are written (while the device writes the
+    previous block), e.g. to name a checkpoint by its content without reading it again.
+    """
+    with DirectFile(path, digest) as sink:
         for chunk in safetensors_chunks(tensors, metadata):
             sink.write(chunk)
     return sink.direct_bytes

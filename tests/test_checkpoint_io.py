@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import os
 import threading
 import time
@@ -50,6 +52,36 @@ def test_direct_file_writes_the_bytes(tmp_path, pieces):
     # whole blocks bypass the page cache where the filesystem allows it; the unaligned tail never does
     bypassed = len(expected) - len(expected) % ALIGN if takes_o_direct(tmp_path) else 0
     assert sink.direct_bytes == bypassed
+
+
+@pytest.mark.parametrize("pieces", [[5], [STAGING_BYTES], [3, 2 * STAGING_BYTES, 5000, STAGING_BYTES - 3]])
+def test_direct_file_hashes_exactly_the_bytes_it_writes(tmp_path, pieces):
+    chunks = [os.urandom(size) for size in pieces]
+    digest = hashlib.sha256()
+    with DirectFile(tmp_path / "out.bin", digest) as sink:
+        for chunk in chunks:
+            sink.write(memoryview(chunk))
+    assert digest.hexdigest() == hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(chunks)
+
+
+def test_direct_file_hands_back_an_error_of_its_writer_thread(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_write = os.write
+
+    def failing_write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second block, written while the third is being filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", failing_write)
+    sink = DirectFile(tmp_path / "out.bin")
+    with pytest.raises(OSError, match="No space left"):
+        with sink:
+            for _ in range(4):
+                sink.write(os.urandom(STAGING_BYTES))
+    assert sink._fd == -1 and sink._pending is None  # closed, nothing left in flight
 
 
 def test_direct_file_falls_back_to_buffered_writes(tmp_path, monkeypatch):
@@ -118,9 +150,10 @@ def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
     _hash_files.cache_clear()
     from_files = model_hash(ours)  # reading the files back (nothing promised for this path)
 
+    assert saved.written_hash == from_files  # hashed while it was written
     moved = tmp_path / "moved"
     os.replace(ours, moved)  # as the checkpoint's staging directory is renamed into place
-    keep = promise_model_hash(moved, saved)
+    keep = promise_model_hash(moved, dataclasses.replace(saved, written_hash=None))  # as if it had not been
     _hash_files.cache_clear()
     late = threading.Thread(target=lambda: (time.sleep(0.3), keep()))
     late.start()
@@ -129,3 +162,27 @@ def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
     assert _hash_files.cache_info().currsize == 0  # the files were not read back
     (moved / "config.json").write_text((moved / "config.json").read_text() + " ")
     assert model_hash(moved) != from_files  # a rewritten file is hashed again, from disk
+
+
+@pytest.mark.parametrize("config_json", ["written after the weights", "rewritten after the weights"])
+def test_save_model_hashes_from_memory_when_the_written_bytes_are_not_the_files(tmp_path, monkeypatch, config_json):
+    import gopd_core.models as models
+
+    model = AutoModelForCausalLM.from_pretrained(str(build_random_model(tmp_path / "source")))
+    directory = tmp_path / "saved"
+    write_config = model.config.save_pretrained
+    if config_json == "written after the weights":
+        monkeypatch.setattr(type(model.config), "save_pretrained", lambda *args, **kwargs: None)
+
+    def then_config(*args, **kwargs):
+        written = write_safetensors(*args, **kwargs)
+        write_config(directory)  # the config as transformers writes it ...
+        if config_json == "rewritten after the weights":  # ... or another one than was hashed
+            (directory / "config.json").write_text((directory / "config.json").read_text() + " ")
+        return written
+
+    monkeypatch.setattr(models, "write_safetensors", then_config)
+    saved = save_model(model, directory)
+    assert saved.complete and saved.written_hash is None  # not what the files hold: taken from memory instead
+    _hash_files.cache_clear()
+    assert saved.content_hash() == model_hash(directory)

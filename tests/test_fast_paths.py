@@ -46,7 +46,7 @@ from gopd_core.pipeline import (
 )
 from gopd_core.rollout import SamplingParams, native
 from gopd_core.rollout.hf import HFEngine, ReservedLayer, left_pad, reserve_cache
-from gopd_core.rollout.lean_decode import LeanDecoder, _fused_norm
+from gopd_core.rollout.lean_decode import LeanDecoder, _fused_norm, _signed_sin
 from gopd_core.rollout.sampling import TokenSampler
 from gopd_core.scoring import score_key, score_rollouts
 from gopd_core.training import (
@@ -164,6 +164,7 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
     differences = []
     with torch.inference_mode():
         decoder = LeanDecoder(model)
+        assert decoder.native == (kernel != "onednn")  # each layer one native call wherever the kernels run
         lean_cache, logits_BV, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=8)
         plain_cache, *_ = _prefilled(model, prompts, new_tokens=8)
         for step in range(6):
@@ -182,6 +183,53 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
         unpadded = decoder.step(tokens_B, positions_B, None, lean_cache)  # no padding: no mask at all
     assert unpadded.shape == (2, config.vocab_size)
     assert (max(differences) > 1e-5) == (kernel == "native-bf16")  # the bf16 kernel really ran, and only there
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("architecture", sorted(LEAN_ARCHITECTURES))
+def test_the_native_decode_layer_computes_what_the_python_layer_does(architecture, bf16, monkeypatch):
+    if bf16:
+        if "avx512_bf16" not in hardware.cpu_flags():
+            pytest.skip("this CPU has no AVX512-BF16: the bf16 kernel cannot run here")
+        monkeypatch.setenv(hardware.PRECISION_ENV, "bfloat16")
+    model_class, config = LEAN_ARCHITECTURES[architecture]
+    torch.manual_seed(6)
+    model = model_class(config).eval()
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    prompts = [[5, 9, 11], [7, 3, 8, 20, 21, 2, 4], [12, 13, 14, 15, 16]]
+    with torch.inference_mode():
+        decoder = LeanDecoder(model)
+        layer = decoder.layers[1]
+        assert layer.native is not None
+        python_cache, _, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=1)  # the slot must grow
+        native_cache, *_ = _prefilled(model, prompts, new_tokens=1)
+        for _step in range(3):
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones((3, 1))], dim=-1)
+            hidden_B1H = torch.randn(3, 1, config.hidden_size) * 2
+            cos_B1D, sin_B1D = decoder.rotary(hidden_B1H, positions_B[:, None])
+            expected_B1H = layer(hidden_B1H.clone(), cos_B1D[:, None], _signed_sin(sin_B1D[:, None]), mask_BL.bool(),
+                                 python_cache.layers[1])
+            hidden_BH = hidden_B1H[:, 0].clone()
+            layer.native(hidden_BH, cos_B1D[:, 0].contiguous(), sin_B1D[:, 0].contiguous(),
+                         *native_cache.layers[1].append_slot(), mask_BL.bool())
+            tolerance = 0.05 if bf16 else 1e-5  # bf16: a norm's last bit may round an input the other way
+            torch.testing.assert_close(hidden_BH, expected_B1H[:, 0], rtol=tolerance, atol=tolerance)
+            python_layer, native_layer = python_cache.layers[1], native_cache.layers[1]
+            assert native_layer.get_seq_length() == python_layer.get_seq_length()
+            torch.testing.assert_close(native_layer.keys, python_layer.keys, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(native_layer.values, python_layer.values, rtol=tolerance, atol=tolerance)
+            positions_B = positions_B + 1
+        hidden_BH, cos_BD = hidden_B1H[:, 0].clone(), cos_B1D[:, 0].contiguous()
+        keys, values, position = native_cache.layers[1].append_slot()
+        with pytest.raises(ValueError, match="hidden must be contiguous float32"):
+            layer.native(hidden_BH.double(), cos_BD, cos_BD, keys, values, position, None)
+        with pytest.raises(ValueError, match="cos/sin must be"):
+            layer.native(hidden_BH, cos_BD[:, :4].contiguous(), cos_BD, keys, values, position, None)
+        with pytest.raises(ValueError, match="capacity >"):
+            layer.native(hidden_BH, cos_BD, cos_BD, keys, values, keys.shape[2], None)
+        with pytest.raises(ValueError, match=r"attend_BL .* must be \(rows, position \+ 1\)"):
+            layer.native(hidden_BH, cos_BD, cos_BD, keys, values, position, mask_BL.bool())
 
 
 @pytest.mark.parametrize("kernel", ["native", "native-bf16"])

@@ -77,17 +77,29 @@ class ReservedLayer(DynamicLayer):
     def _expose(self) -> None:
         self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new = key_states.shape[-2]
+    def _make_room(self, new: int) -> None:
         if self.length + new > self._keys.shape[-2]:
             self._expose()
             capacity = 2 * (self.length + new)
             self._keys, self._values = self._reserve(self.keys, capacity), self._reserve(self.values, capacity)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        self._make_room(new)
         self._keys[:, :, self.length: self.length + new] = key_states
         self._values[:, :, self.length: self.length + new] = value_states
         self.length += new
         self._expose()
         return self.keys, self.values
+
+    def append_slot(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one more token per row, counted as filled: (keys buffer, values buffer, its position), the
+        buffers (B, heads, capacity, D) whole; the caller writes the token's key and value there
+        (`native.DecodeLayer`)."""
+        self._make_room(1)
+        position, self.length = self.length, self.length + 1
+        self._expose()
+        return self._keys, self._values, position
 
     def get_seq_length(self) -> int:
         return self.length

@@ -71,22 +71,54 @@ def _signed_sin(sin_B11D: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin_B11D[..., :half], sin_B11D[..., half:]), dim=-1)
 
 
-def _fused_norm(norm: torch.nn.Module):
-    """`norm` as one fused `F.rms_norm` call when that gives the module's own output on a probe, else `norm`.
+def _norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) when one `F.rms_norm` call gives `norm`'s own output on a probe, else None.
 
     The Llama-family RMSNorm runs six ops (cast, pow, mean, rsqrt, two muls); the fused kernel one pass.
     """
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
-        return norm
+        return None
     shape = (weight.shape[0],)
     probe = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=weight.dtype) * 3
+    with torch.no_grad():
+        same = torch.allclose(F.rms_norm(probe, shape, weight, eps), norm(probe), rtol=1e-5, atol=1e-6)
+    return (weight.detach(), eps) if same else None
+
+
+def _fused_norm(norm: torch.nn.Module):
+    """`norm` as one fused `F.rms_norm` call when that gives the module's own output (`_norm_parameters`), else `norm`."""
+    parameters = _norm_parameters(norm)
+    if parameters is None:
+        return norm
+    weight, eps = parameters
 
     def fused(hidden: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(hidden, shape, weight, eps)
+        return F.rms_norm(hidden, (weight.shape[0],), weight, eps)
 
-    with torch.no_grad():
-        return fused if torch.allclose(fused(probe), norm(probe), rtol=1e-5, atol=1e-6) else norm
+    return fused
+
+
+def _native_layer(layer: torch.nn.Module, linears: list, head_dim: int, heads: int, kv_heads: int,
+                  scaling: float) -> native.DecodeLayer | None:
+    """The whole layer as one native call (`native.DecodeLayer`) where every part of it has a native form:
+    the native linears and attention, and norms of the plain RMSNorm form."""
+    if not all(isinstance(linear, native.BlockedLinear) for linear in linears) or not native.attention_supported(head_dim):
+        return None
+    attention = layer.self_attn
+    norms = [_norm_parameters(layer.input_layernorm), _norm_parameters(layer.post_attention_layernorm)]
+    head_norms = None
+    if getattr(attention, "q_norm", None) is not None:
+        q_norm, k_norm = _norm_parameters(attention.q_norm), _norm_parameters(attention.k_norm)
+        if q_norm is None or k_norm is None or q_norm[1] != k_norm[1]:
+            return None
+        head_norms = (q_norm[0], k_norm[0], q_norm[1])
+    if None in norms:
+        return None
+    qkv, out, gate_up, down = linears
+    return native.DecodeLayer(input_norm=norms[0], post_norm=norms[1], head_norms=head_norms, qkv=qkv, out=out,
+                              gate_up=gate_up, down=down, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                              scale=scaling)
 
 
 class _Layer:
@@ -107,6 +139,8 @@ class _Layer:
         self.gate_up = _decode_linear([mlp.gate_proj.weight, mlp.up_proj.weight], _fused_bias([mlp.gate_proj, mlp.up_proj]))
         self.down = _decode_linear([mlp.down_proj.weight], _fused_bias([mlp.down_proj]))
         self.native_attention = native.attention_supported(self.head_dim)
+        self.native = _native_layer(layer, [self.qkv, self.out, self.gate_up, self.down], self.head_dim, self.heads,
+                                    self.kv_heads, self.scaling)
 
     def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor,
                  attend_BL: torch.Tensor | None, cache_layer) -> torch.Tensor:
@@ -144,6 +178,7 @@ class LeanDecoder:
         self.layers = [_Layer(layer) for layer in body.layers]
         self.head = _decode_linear([model.lm_head.weight], _fused_bias([model.lm_head]))
         self.bf16 = _bf16_linears()
+        self.native = all(layer.native is not None for layer in self.layers)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -184,6 +219,12 @@ class LeanDecoder:
         """
         hidden_B1H = self.embed(tokens_B[:, None])
         cos_B1D, sin_B1D = self.rotary(hidden_B1H, positions_B[:, None])
+        if self.native:  # each layer one native call, on the hidden states in place
+            hidden_BH = hidden_B1H.reshape(hidden_B1H.shape[0], -1).contiguous()
+            cos_BD, sin_BD = cos_B1D[:, 0].contiguous(), sin_B1D[:, 0].contiguous()
+            for layer, cache_layer in zip(self.layers, cache.layers):
+                layer.native(hidden_BH, cos_BD, sin_BD, *cache_layer.append_slot(), attend_BL)
+            return self.head(self.norm(hidden_BH))
         cos_B11D, signed_sin_B11D = cos_B1D[:, None], _signed_sin(sin_B1D[:, None])
         for layer, cache_layer in zip(self.layers, cache.layers):
             hidden_B1H = layer(hidden_B1H, cos_B11D, signed_sin_B11D, attend_BL, cache_layer)

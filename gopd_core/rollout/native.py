@@ -110,6 +110,9 @@ def _library() -> ctypes.CDLL | None:
     library.pack_blocks.argtypes = [pointer, size, size, ctypes.c_int, pointer, ctypes.c_int]
     library.logsumexp_bf16.argtypes = [pointer, size, size, size, pointer, ctypes.c_int]
     library.pack_blocks.restype = None
+    library.decode_layer.argtypes = [ctypes.POINTER(_LayerConstants), pointer, size, pointer, pointer, pointer, pointer,
+                                     size, size, size, pointer, size, ctypes.c_int]
+    library.decode_layer.restype = ctypes.c_int
     return library
 
 
@@ -275,3 +278,92 @@ def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
         _library().logsumexp_bf16(logits_NV.data_ptr(), logits_NV.shape[0], logits_NV.shape[1], logits_NV.stride(0),
                                   out_N.data_ptr(), torch.get_num_threads())
     return out_N
+
+
+class _LayerConstants(ctypes.Structure):
+    """`DecodeLayer` in small_gemm.c: one layer's sizes and the addresses of its packed weights."""
+
+    _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+                *((name, ctypes.c_float) for name in ("input_eps", "post_eps", "head_eps", "scale")),
+                *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "out",
+                                                       "gate_up", "down", "qkv_bias", "out_bias", "gate_up_bias",
+                                                       "down_bias")),
+                ("bf16", ctypes.c_int64)]
+
+
+class DecodeLayer:
+    """One Llama-family decoder layer's decode step in one native call (`decode_layer` in small_gemm.c).
+
+    The arithmetic of `lean_decode._Layer`: RMSNorm, the fused q/k/v projection (+ bias), per-head q/k
+    RMSNorms where given (Qwen3), rotate-half RoPE, the new key and value written into the reserved cache,
+    attention over it (`decode_attention`), the output projection and residual, RMSNorm, SwiGLU MLP and
+    residual. The linears are `BlockedLinear`s of one kind (all float32 or all bf16); norms are
+    (weight, eps) pairs of the Llama RMSNorm form, weight * (x / sqrt(mean(x^2) + eps)).
+    """
+
+    def __init__(self, *, input_norm: tuple[torch.Tensor, float], post_norm: tuple[torch.Tensor, float],
+                 head_norms: tuple[torch.Tensor, torch.Tensor, float] | None, qkv: BlockedLinear, out: BlockedLinear,
+                 gate_up: BlockedLinear, down: BlockedLinear, heads: int, kv_heads: int, head_dim: int,
+                 scale: float) -> None:
+        linears = (qkv, out, gate_up, down)
+        hidden, intermediate = qkv.in_features, down.in_features
+        if len({linear.bf16 for linear in linears}) != 1:
+            raise ValueError("DecodeLayer takes linears of one kind: all float32 or all bf16")
+        expected = ((hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden), (hidden, 2 * intermediate),
+                    (intermediate, hidden))
+        shapes = tuple((linear.in_features, linear.out_features) for linear in linears)
+        if shapes != expected or heads % kv_heads or head_dim % 8 or head_dim % 2:
+            raise ValueError(f"DecodeLayer: linears (in, out) {shapes} do not fit {heads} heads / {kv_heads} kv heads "
+                             f"of size {head_dim} (a multiple of 8) over hidden {hidden}; expected {expected}")
+        norms = [input_norm[0], post_norm[0], *(head_norms[:2] if head_norms else ())]
+        sizes = [hidden, hidden, head_dim, head_dim][:len(norms)]
+        if any(n.dtype != torch.float32 or n.shape != (size,) for n, size in zip(norms, sizes)):
+            raise ValueError(f"DecodeLayer: norm weights must be float32 of sizes {sizes}, got "
+                             f"{[(n.dtype, tuple(n.shape)) for n in norms]}")
+        self._keep = [n.detach().contiguous() for n in norms] + list(linears)  # alive as long as the addresses are used
+        pointers = [n.data_ptr() for n in self._keep[:len(norms)]] + [None] * (4 - len(norms))
+        self.hidden, self.head_dim, self.kv_heads = hidden, head_dim, kv_heads
+        self._constants = _LayerConstants(
+            hidden, heads, kv_heads, head_dim, intermediate, input_norm[1], post_norm[1],
+            head_norms[2] if head_norms else 0.0, scale, *pointers,
+            *(linear.blocks.data_ptr() for linear in linears),
+            *(None if linear.bias is None else linear.bias.data_ptr() for linear in linears), int(qkv.bf16))
+
+    def __call__(self, hidden_BH: torch.Tensor, cos_BD: torch.Tensor, sin_BD: torch.Tensor, keys_BKCD: torch.Tensor,
+                 values_BKCD: torch.Tensor, position: int, attend_BL: torch.Tensor | None) -> None:
+        """Run the layer on hidden_BH in place (contiguous float32 (B, hidden)).
+
+        cos_BD / sin_BD: contiguous float32 (B, head_dim) rotary angles of each row's new position.
+        keys_BKCD / values_BKCD: the layer's reserved float32 cache (B, kv heads, capacity, head_dim), each head's
+        (capacity, head_dim) contiguous, same strides; this token goes at `position` < capacity, and each row
+        attends over positions 0..position. attend_BL: bool (B, position + 1), True where a row may attend; None
+        for everywhere.
+        """
+        batch = hidden_BH.shape[0]
+        caches = (keys_BKCD, values_BKCD)
+        if (hidden_BH.dtype != torch.float32 or not hidden_BH.is_contiguous()
+                or tuple(hidden_BH.shape) != (batch, self.hidden)):
+            raise ValueError(f"hidden must be contiguous float32 (rows, {self.hidden}), got {hidden_BH.dtype} "
+                             f"{tuple(hidden_BH.shape)}")
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (batch, self.head_dim)
+               for t in (cos_BD, sin_BD)):
+            raise ValueError(f"cos/sin must be contiguous float32 ({batch}, {self.head_dim}), got "
+                             f"{[(t.dtype, tuple(t.shape)) for t in (cos_BD, sin_BD)]}")
+        if (any(t.dtype != torch.float32 or t.dim() != 4 for t in caches) or keys_BKCD.shape != values_BKCD.shape
+                or keys_BKCD.stride() != values_BKCD.stride() or keys_BKCD.shape[0] != batch
+                or keys_BKCD.shape[1] != self.kv_heads or keys_BKCD.shape[3] != self.head_dim
+                or keys_BKCD.stride()[2:] != (self.head_dim, 1) or not 0 <= position < keys_BKCD.shape[2]):
+            raise ValueError(f"cache keys {tuple(keys_BKCD.shape)} / values {tuple(values_BKCD.shape)} (strides "
+                             f"{keys_BKCD.stride()}) must be float32 ({batch}, {self.kv_heads}, capacity > {position}, "
+                             f"{self.head_dim}) with the same strides and each head's block contiguous")
+        mask = None
+        if attend_BL is not None:
+            if tuple(attend_BL.shape) != (batch, position + 1):
+                raise ValueError(f"attend_BL {tuple(attend_BL.shape)} must be (rows, position + 1) = {(batch, position + 1)}")
+            mask = attend_BL.to(torch.bool).contiguous()
+        status = _library().decode_layer(
+            ctypes.byref(self._constants), hidden_BH.data_ptr(), batch, cos_BD.data_ptr(), sin_BD.data_ptr(),
+            keys_BKCD.data_ptr(), values_BKCD.data_ptr(), keys_BKCD.stride(0), keys_BKCD.stride(1), position,
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0), torch.get_num_threads())
+        if status:
+            raise MemoryError(f"decode_layer could not allocate its scratch for {batch} rows")

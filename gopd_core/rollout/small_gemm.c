@@ -261,3 +261,115 @@ void pack_blocks(const float *w, int64_t N, int64_t K, int bf16, void *out, int 
         }
     }
 }
+
+/* ---- One decode step of a Llama-family layer in one call (native.DecodeLayer) ----------------------------------
+ * The same arithmetic as lean_decode._Layer, whose Python ran ~100 small torch ops per layer and step (norms, RoPE,
+ * the cache write, SiLU, residuals, casts) around the four linears: at 8 rows that was as long as the linears. */
+
+/* Per-layer constants, mirrored by native._LayerConstants (ctypes). The weights are BlockedLinear blocks: float32
+ * (small_gemm) or bf16 pairs (small_gemm_bf16, inputs rounded to bf16 as torch rounds them). */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    float input_eps, post_eps, head_eps, scale;
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* q_norm/k_norm: per-head norms (Qwen3) or NULL */
+    const void *qkv, *out, *gate_up, *down;
+    const float *qkv_bias, *out_bias, *gate_up_bias, *down_bias; /* padded to whole blocks, or NULL */
+    int64_t bf16;
+} DecodeLayer;
+
+/* y = w * (x / sqrt(mean(x^2) + eps)) over n entries, as the Llama-family RMSNorm (the sum in double). */
+static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *y) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += (double)x[i] * x[i];
+    float inverse = 1.0f / sqrtf((float)(sum / (double)n) + eps);
+    for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inverse);
+}
+
+/* y (M, N) = x (M, K) @ W.T + bias through the kernel the weights were packed for; pairs: M * ceil(K / 2) words. */
+static void layer_linear(const DecodeLayer *layer, const float *x, int64_t M, int64_t K, const void *w, int64_t N,
+                         const float *bias, float *y, uint32_t *pairs, int threads) {
+    if (!layer->bf16) {
+        small_gemm(x, M, K, (const float *)w, N, bias, y, threads);
+        return;
+    }
+    const int64_t K2 = (K + 1) / 2;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k2 = 0; k2 < K2; ++k2) {
+            uint32_t high = 2 * k2 + 1 < K ? to_bf16(x[m * K + 2 * k2 + 1]) : 0;
+            pairs[m * K2 + k2] = (uint32_t)to_bf16(x[m * K + 2 * k2]) | high << 16;
+        }
+    small_gemm_bf16(pairs, M, K2, (const uint16_t *)w, N, bias, y, threads);
+}
+
+/* Rotate-half RoPE of one head in place: x * cos + (-x2, x1) * sin. */
+static void rotate_head(float *x, const float *cos, const float *sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < half; ++d) {
+        float first = x[d], second = x[d + half];
+        x[d] = first * cos[d] - second * sin[d];
+        x[d + half] = second * cos[d + half] + first * sin[d + half];
+    }
+}
+
+/* hidden (B, H) float32, updated in place by one layer for one new token per row.
+ * cos/sin: (B, D), each row's rotary angles at its position (the model's own rotary module computes them).
+ * keys/values: the layer's reserved cache, row b, kv head g, position l at keys + b * stride_b + g * stride_h + l * D;
+ * this token's key and value are written at `position`, then each row attends over positions 0..position.
+ * mask: (B, mask_stride) bytes, nonzero where a row may attend, covering position + 1 entries; NULL: everywhere.
+ * Returns 0, or -1 when its scratch memory cannot be had. */
+int decode_layer(const DecodeLayer *layer, float *hidden, int64_t B, const float *cos, const float *sin,
+                 float *keys, float *values, int64_t stride_b, int64_t stride_h, int64_t position,
+                 const unsigned char *mask, int64_t mask_stride, int threads) {
+    const int64_t H = layer->hidden, Hq = layer->heads, Hkv = layer->kv_heads, D = layer->head_dim;
+    const int64_t I = layer->intermediate, width = (Hq + 2 * Hkv) * D;
+    int64_t widest = H > I ? H : I;  /* the longest input row of a linear: H, Hq * D or I */
+    if (Hq * D > widest) widest = Hq * D;
+    float *normed = malloc((size_t)(B * widest) * sizeof(float));
+    float *qkv = malloc((size_t)(B * width) * sizeof(float));
+    float *attended = malloc((size_t)(B * Hq * D) * sizeof(float));
+    float *gate_up = malloc((size_t)(B * 2 * I) * sizeof(float));
+    float *projected = malloc((size_t)(B * H) * sizeof(float));
+    uint32_t *pairs = malloc((size_t)(B * ((widest + 1) / 2)) * sizeof(uint32_t));
+    int status = 0;
+    if (!normed || !qkv || !attended || !gate_up || !projected || !pairs) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t b = 0; b < B; ++b) rms_norm(hidden + b * H, layer->input_norm, H, layer->input_eps, normed + b * H);
+    layer_linear(layer, normed, B, H, layer->qkv, width, layer->qkv_bias, qkv, pairs, threads);
+    for (int64_t b = 0; b < B; ++b) {
+        float *row = qkv + b * width;
+        for (int64_t h = 0; h < Hq + Hkv; ++h) {
+            float *head = row + h * D;
+            const float *norm = h < Hq ? layer->q_norm : layer->k_norm;
+            if (norm) rms_norm(head, norm, D, layer->head_eps, head);
+            rotate_head(head, cos + b * D, sin + b * D, D);
+        }
+        for (int64_t g = 0; g < Hkv; ++g) {
+            memcpy(keys + b * stride_b + g * stride_h + position * D, row + (Hq + g) * D, (size_t)D * sizeof(float));
+            memcpy(values + b * stride_b + g * stride_h + position * D, row + (Hq + Hkv + g) * D, (size_t)D * sizeof(float));
+        }
+    }
+    decode_attention(qkv, width, B, Hq, Hkv, D, keys, stride_b, stride_h, values, stride_b, stride_h, position + 1,
+                     mask, mask_stride, layer->scale, attended, threads);
+    layer_linear(layer, attended, B, Hq * D, layer->out, H, layer->out_bias, projected, pairs, threads);
+    for (int64_t i = 0; i < B * H; ++i) hidden[i] += projected[i];
+    for (int64_t b = 0; b < B; ++b) rms_norm(hidden + b * H, layer->post_norm, H, layer->post_eps, normed + b * H);
+    layer_linear(layer, normed, B, H, layer->gate_up, 2 * I, layer->gate_up_bias, gate_up, pairs, threads);
+    for (int64_t b = 0; b < B; ++b) {  /* silu(gate) * up, into normed (B, I) */
+        const float *gate = gate_up + b * 2 * I, *up = gate + I;
+        float *act = normed + b * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 g = _mm256_loadu_ps(gate + i);
+            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(act + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+        }
+        for (; i < I; ++i) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+    layer_linear(layer, normed, B, I, layer->down, H, layer->down_bias, projected, pairs, threads);
+    for (int64_t i = 0; i < B * H; ++i) hidden[i] += projected[i];
+done:
+    free(normed); free(qkv); free(attended); free(gate_up); free(projected); free(pairs);
+    return status;
+}
