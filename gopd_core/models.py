@@ -199,10 +199,12 @@ class ResidentModels:
 
 
 def _yield_cpu() -> None:
-    """Lower this thread's CPU priority (Linux: nice is per thread): a deferred write runs mostly on the
-    idle moments of the stages' compute threads instead of preempting them mid parallel region."""
+    """Run this thread only on CPU time nothing else wants (Linux: SCHED_IDLE, per thread, inherited by the
+    threads it starts): a deferred write fills the idle moments of the stages' compute threads instead of
+    preempting one of them mid parallel region, which stalls the other at its barrier. (It was nice 10 before;
+    SCHED_IDLE is below nice 19. It cannot starve the run: the next update waits for the write.)"""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # other systems: run at the normal priority
         pass
 
