@@ -46,13 +46,13 @@ class DirectFile:
     Bytes are gathered in a page-aligned staging buffer and written in whole `STAGING_BYTES`
     blocks with `O_DIRECT`; the last partial block goes through the page cache (it is not aligned).
     There are two staging buffers: a full one is written by a writer thread while the caller fills
-    the other (and hashes what it staged, given a `digest`), so the copy and the hashing run during
-    the device's writes instead of after them.
+    the other, and given a `digest`, a hasher thread feeds it each staged piece in order: the copy,
+    the hashing and the device's writes run at the same time (the hash was the longest of the three).
     `direct_bytes` counts the bytes written with `O_DIRECT` (0 where the filesystem refused it).
     """
 
     def __init__(self, path: str | Path, digest=None) -> None:
-        """digest: a hashlib object fed every byte written, each staged piece while the device writes it."""
+        """digest: a hashlib object fed every byte written, in order, on a thread of its own."""
         self.direct_bytes, self._digest = 0, digest
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -67,6 +67,8 @@ class DirectFile:
         self._view, self._filled = self._views[0], 0
         self._writer: ThreadPoolExecutor | None = None  # started with the first full buffer
         self._pending: Future | None = None  # the write in flight, of the buffer not being filled
+        self._hasher = None if digest is None else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gopd-hash")
+        self._hashed: list[Future] = []
 
     def __enter__(self) -> DirectFile:
         return self
@@ -84,10 +86,10 @@ class DirectFile:
             self._view[self._filled:self._filled + take] = piece
             self._filled += take
             done += take
+            if self._hasher is not None:  # hashlib releases the GIL: runs beside the copy and the writes
+                self._hashed.append(self._hasher.submit(self._digest.update, piece))
             if self._filled == STAGING_BYTES:
                 self._hand_over()
-            if self._digest is not None:
-                self._digest.update(piece)  # releases the GIL: runs while the writer thread writes
         return len(source)
 
     def flush(self) -> None:
@@ -104,13 +106,17 @@ class DirectFile:
             self._set_direct(False)  # the unaligned tail goes through the page cache
             self._write_out(self._view[aligned:self._filled], self._filled - aligned)
             os.fsync(self._fd)
+            for hashed in self._hashed:
+                hashed.result()
         finally:
             try:
                 self._wait()  # an error above may leave a write in flight: it ends before the file closes
             except OSError:
                 pass
-            if self._writer is not None:
-                self._writer.shutdown()
+            for executor in (self._writer, self._hasher):
+                if executor is not None:
+                    executor.shutdown()
+            self._hashed = []
             os.close(self._fd)
             self._fd = -1
             for view, buffer in zip(self._views, self._buffers):
