@@ -15,7 +15,9 @@ One step is one G-OPD iteration at lam = 1 on a temporary run directory, through
    the student's log-probs; then the new checkpoint is written, and the next step starts from it
    (kept in memory by `keep_models_loaded`, as in the `distill` flow).
 Step 0 is the warm-up and is reported apart. Wall and process CPU seconds are kept per step, and each
-stage's wall seconds for the breakdown.
+stage's wall seconds for the breakdown; `update_steps_s` is the part of the update's wall in its
+optimizer steps (forward, backward, AdamW: the `updates` table's `wall_s`), the rest being its reads,
+the student's scores and the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from gopd_core.pipeline import (
     update_stage,
 )
 from gopd_core.rollout import SamplingParams
-from storage.readers import read_rollouts
+from storage.readers import read_rollouts, read_updates
 
 REFERENCE_ROLES = ("reference", "teacher-base")
 
@@ -106,6 +108,9 @@ def main(settings: dict) -> dict:
                               **{f"{k}_s": v for k, v in stages.items()}})
         tokens = [_step_tokens(read_rollouts(layout, it, ["prompt_token_ids", "response_token_ids"]).to_pydict())
                   for it in range(len(steps))]
+        updates = read_updates(layout).to_pydict()
+        for step, stages in enumerate(steps):  # the update's optimizer steps (forward, backward, AdamW) in its wall
+            stages["update_steps_s"] = sum(w for it, w in zip(updates["iteration"], updates["wall_s"]) if it == step)
     lengths = [n for step in tokens for n in step.pop("response_lengths")]
     warmup, *measured = steps
     return {

@@ -650,8 +650,10 @@ def _same_allocator_cell(result: dict) -> str:
 
 
 def _mean_stages(gopd: dict) -> dict[str, float]:
+    """Mean seconds per stage; `update_steps` (where measured) is the update's forward, backward and AdamW."""
     stages = gopd["stages_s"]
-    return {k: round(sum(s[f"{k}_s"] for s in stages) / len(stages), 2) for k in ("rollout", "score", "update")}
+    keys = ["rollout", "score", "update"] + (["update_steps"] if all("update_steps_s" in s for s in stages) else [])
+    return {k: round(sum(s[f"{k}_s"] for s in stages) / len(stages), 2) for k in keys}
 
 
 def _field_runs(results: dict) -> list[dict]:
@@ -685,7 +687,9 @@ def _field_text(field: dict) -> str:
         "taking turns; `round_median_step_s` in the JSON gives each round's), the warm-ups apart; speedup = TRL / gopd (target 2x). gopd runs on the "
         "malloc its command picks (`gopd_core/allocator.py`: jemalloc where installed); TRL runs on the system "
         "malloc as it ships, and again on gopd's (the next column, TRL step seconds in brackets). A target holds "
-        "only if both speedups reach 2x.", "",
+        "only if both speedups reach 2x. gopd's stages are mean wall seconds; `update_steps` is the part of the "
+        "update in its optimizer step (forward, backward, AdamW), the rest of it reading the rollouts and scores, "
+        "storing the student's log-probs and writing the checkpoint's weights.", "",
         *_table(["max new tokens", "vocabulary", "student / teacher params", "batch", "gopd mean response", "TRL mean response", "gopd step s", "TRL step s",
                  "speedup", "speedup vs TRL on gopd's malloc", "CPU-time speedup", "gopd stages, mean s", "TRL generate, mean s",
                  "peak RSS MB gopd / TRL"], rows), "", *blocks])
