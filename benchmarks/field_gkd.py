@@ -49,8 +49,8 @@ one optimizer step per step over the whole batch. What differs, by design of eac
   Both use torch's fused AdamW.
 - TRL generates with `model.generate` (all rows stay in the batch until the longest stops); gopd's
   HF engine drops finished rows from the batch and the KV cache, writes each token into a KV
-  buffer reserved for the response, and runs its decode steps through `rollout.lean_decode` (fused
-  oneDNN-prepacked projections, no transformers module stack). The
+  buffer reserved for the response, and runs its decode steps through `rollout.lean_decode` (each
+  layer one native call over bf16-packed weights, no transformers module stack). The
   random-init models sample different lengths on each side; both sides' mean response lengths
   are reported.
 - gopd's rollouts skip answer verification (`sampling.verify_rewards: false`, a monitoring metric
@@ -72,9 +72,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import gopd_core  # noqa: F401  (sets gopd's OpenMP default, which both sides inherit through _quiet_env)
-from gopd_core.allocator import ALLOCATOR_VARIABLE, child_environment
-from gopd_core.hardware import computes_in_bf16
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, where gopd is not installed
+import gopd_core  # noqa: E402, F401  (sets gopd's OpenMP default, which both sides inherit through _quiet_env)
+from gopd_core.allocator import ALLOCATOR_VARIABLE, child_environment  # noqa: E402
+from gopd_core.hardware import computes_in_bf16  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from gopd_core.allocator import loaded_allocator
-from gopd_core.config import parse_config
-from gopd_core.pipeline import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, where gopd is not installed
+from gopd_core.allocator import loaded_allocator  # noqa: E402
+from gopd_core.config import parse_config  # noqa: E402
+from gopd_core.pipeline import (  # noqa: E402
     keep_models_loaded,
     plan_scorers,
     prepare_run,
@@ -42,8 +43,8 @@ from gopd_core.pipeline import (
     score_stage,
     update_stage,
 )
-from gopd_core.rollout import SamplingParams
-from storage.readers import read_rollouts, read_updates
+from gopd_core.rollout import SamplingParams  # noqa: E402
+from storage.readers import read_rollouts, read_updates  # noqa: E402
 
 REFERENCE_ROLES = ("reference", "teacher-base")
 

@@ -13,7 +13,9 @@ seven linears per layer) adds as much again. `LeanDecoder` runs the same arithme
    module itself), the fused projections, rotate-half RoPE on queries and keys together in three
    ops, the new key/value written in place into the rollout's `ReservedLayer`, attention over the
    cache with the left-padding mask (`native.decode_attention`, else SDPA), and the SwiGLU MLP; then
-   the final norm and the LM head.
+   the final norm and the LM head. Where the native kernels run and every norm has the plain RMSNorm
+   form, each layer is instead one native call doing all of that (`native.DecodeLayer`): around
+   four linears the Python layer ran ~100 small torch ops per step.
 3. Models it does not cover decode through transformers as before (`LeanDecoder.supports`): other
    architectures, sliding-window layers, non-SiLU MLPs, partial rotary, logit transforms, anything
    off the CPU or not float32.

@@ -18,6 +18,8 @@ within ~12% of it either way at 32-64 (`benchmarks/perf.py`'s rollout section me
    `small_gemm_bf16` (vdpbf16ps, fp32 accumulation; compiled into the same library through target
    attributes): half the bytes per step. On an AVX512-BF16 EPYC, 8 layers of the 25.8M student at
    1/8/32/128 rows took 2.7/3.5/7.5/19.9 ms against 4.6/6.6/14.1/44.1 ms in float32.
+   `DecodeLayer` runs a whole Llama-family layer of a decode step in one call (`decode_layer`: norms,
+   the fused projections, RoPE, the cache write, attention, SwiGLU, residuals) over those linears.
 3. Nothing here is required: `available()` is False off x86-64 Linux, without AVX2/FMA, without a C
    compiler, when the build fails (a warning gives the compiler's message), or with
    GOPD_NATIVE_KERNELS=0; callers then use oneDNN's prepacked kernel and SDPA as before.
