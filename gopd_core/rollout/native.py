@@ -314,7 +314,7 @@ class DecodeLayer:
         expected = ((hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden), (hidden, 2 * intermediate),
                     (intermediate, hidden))
         shapes = tuple((linear.in_features, linear.out_features) for linear in linears)
-        if shapes != expected or heads % kv_heads or head_dim % 8 or head_dim % 2:
+        if shapes != expected or heads % kv_heads or head_dim % 8:
             raise ValueError(f"DecodeLayer: linears (in, out) {shapes} do not fit {heads} heads / {kv_heads} kv heads "
                              f"of size {head_dim} (a multiple of 8) over hidden {hidden}; expected {expected}")
         norms = [input_norm[0], post_norm[0], *(head_norms[:2] if head_norms else ())]
