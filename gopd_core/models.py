@@ -270,14 +270,29 @@ def _file_blocks(path: str) -> Iterator[bytes]:
         yield from iter(lambda: handle.read(1 << 22), b"")
 
 
+class _ContentDigest:
+    """The model hash, fed file by file: sha256 over each (file name, its bytes), in order; 16 hex digits."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+
+    def file(self, name: str):
+        """Start file `name`; returns what takes its bytes, in order (`.update(chunk)`)."""
+        self._sha256.update(name.encode())
+        return self._sha256
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()[:16]
+
+
 def _content_hash(files) -> str:
-    """The model hash: sha256 over each (file name, its bytes in chunks), in order; 16 hex digits."""
-    digest = hashlib.sha256()
+    """The model hash of (file name, its bytes in chunks) pairs, in order (`_ContentDigest`)."""
+    digest = _ContentDigest()
     for name, chunks in files:
-        digest.update(name.encode())
+        sink = digest.file(name)
         for chunk in chunks:
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+            sink.update(chunk)
+    return digest.hexdigest()
 
 
 _SAVED_HASHES: dict[tuple, Future] = {}  # stamp -> hash of a checkpoint `save_model` wrote, once taken
@@ -316,17 +331,14 @@ def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
     """
     files: list[tuple[str, dict, dict | None]] = []
     config = directory / "config.json"
-    hashed: dict = {}
+    digest, hashed_config = None, None
 
     def write_shard(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        if not files and config.exists():
-            hashed["config"], hashed["digest"] = config.read_bytes(), hashlib.sha256()
-            hashed["digest"].update(b"config.json")
-            hashed["digest"].update(hashed["config"])
-        digest = hashed.get("digest")
-        if digest is not None:
-            digest.update(Path(filename).name.encode())
-        write_safetensors(tensors, filename, metadata, digest)
+        nonlocal digest, hashed_config
+        if not files and config.exists():  # config.json comes first in `model_hash`'s order
+            digest, hashed_config = _ContentDigest(), config.read_bytes()
+            digest.file("config.json").update(hashed_config)
+        write_safetensors(tensors, filename, metadata, None if digest is None else digest.file(Path(filename).name))
         files.append((Path(filename).name, tensors, metadata))
 
     with _SAVE_LOCK:
@@ -341,7 +353,7 @@ def save_model(model: torch.nn.Module, directory: Path) -> SavedModel:
     saved = [Path(name).name for name, _, _ in _weights_stamp(directory)]
     config_bytes = config.read_bytes()
     complete = saved == ["config.json", *(name for name, _, _ in files)]
-    written = hashed["digest"].hexdigest()[:16] if complete and hashed.get("config") == config_bytes else None
+    written = digest.hexdigest() if digest is not None and complete and hashed_config == config_bytes else None
     return SavedModel(config_bytes, files, complete=complete, written_hash=written)
 
 
