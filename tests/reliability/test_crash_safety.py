@@ -145,19 +145,31 @@ def landed_stage(layout: RunLayout, since_ns: int) -> tuple[str, int | None]:
 # Seconds to wait once inside a stage (uniform in the range): short stages get short waits. The tiny
 # run's evaluation takes well under a second since identical code answers share one sandbox run; the
 # last one reuses the first one's sandbox answers and took 0.06 s on an AVX512 EPYC (a 0.02-0.3 s wait
-# outlived it there and the kill landed after the run), so it gets its own, shorter range.
-KILL_DELAY = {"evaluate": (0.02, 0.3), "rollout": (0.0, 0.3), "score": (0.0, 0.05), "update": (0.0, 0.2),
-              "checkpoint": (0.0, 0.0), ("evaluate", 2): (0.0, 0.02)}
+# outlived it there and the kill landed after the run), so it gets its own, shorter range. The rollout
+# (12 rows x 10 tokens, entered when the first evaluate's marker appears) and the update's two steps
+# (entered when its progress bar starts) took 0.06-0.1 s there, so their waits are drawn within half
+# of what they took in the reference run on this machine: fixed 0-0.3 s and 0-0.2 s waits had all four
+# rollout kills of a CI run, and three of four update kills of a local run, land in later stages.
+KILL_DELAY = {"evaluate": (0.02, 0.3), "score": (0.0, 0.05), "checkpoint": (0.0, 0.0), ("evaluate", 2): (0.0, 0.02)}
+FAST_POLL = ("rollout", "update", "checkpoint")  # stages whose window to kill in is short: poll every millisecond
 
 
-def kill_at(target, config, layout, api_url, log_path, rng) -> tuple[int, tuple[str, int | None], float]:
+def measured_delays(run_dir: Path) -> dict:
+    """KILL_DELAY plus the rollout's and each update's wait range, from the reference run's timings."""
+    layout = RunLayout(run_dir)
+    rollout = layout.marker_path(0, "rollout").stat().st_mtime - layout.marker_path(0, "evaluate").stat().st_mtime
+    steps = dict(run_query(run_dir, "SELECT iteration, sum(wall_s) FROM updates GROUP BY iteration").fetchall())
+    return {**KILL_DELAY, "rollout": (0.0, rollout / 2), **{("update", i): (0.0, s / 2) for i, s in steps.items()}}
+
+
+def kill_at(target, config, layout, api_url, log_path, rng, delays) -> tuple[int, tuple[str, int | None], float]:
     shards = rng.randint(1, 3)
-    delay = rng.uniform(*KILL_DELAY.get(target, KILL_DELAY[target[0]]))
+    delay = rng.uniform(*(delays[target] if target in delays else delays[target[0]]))
     log = (log_path, log_path.stat().st_size if log_path.exists() else 0)
     started_ns = time.time_ns()
     process = start_flow(config, api_url, log_path)
     deadline = time.time() + 300
-    poll = 0.001 if target[0] == "checkpoint" else 0.01
+    poll = 0.001 if target[0] in FAST_POLL else 0.01
     while not reached(target, layout, started_ns, log, shards) and process.poll() is None and time.time() < deadline:
         time.sleep(poll)
     time.sleep(delay)
@@ -171,6 +183,7 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference
 
     expected_counts, expected_steps = table_counts(reference_run), checkpoint_steps(reference_run)
     assert expected_steps == {"iteration=000000": 2, "iteration=000001": 4}
+    delays = measured_delays(reference_run)
     rng = random.Random(SEED)
     kills: list[Kill] = []
     started = time.perf_counter()
@@ -181,7 +194,7 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference
         for planned in plan:
             target = reachable(planned, layout)
             assert target is not None, f"chain {chain} finished before its kill at {planned}"
-            exit_code, landed, seconds = kill_at(target, config, layout, prefect_api_url, log_path, rng)
+            exit_code, landed, seconds = kill_at(target, config, layout, prefect_api_url, log_path, rng, delays)
             kills.append(Kill(chain, target, landed, exit_code, len(hidden_temporaries(layout.run_dir)), seconds))
             assert exit_code == -9, f"flow ended on its own ({exit_code}) before kill {kills[-1]}:\n" + \
                 log_path.read_text()[-3000:]
@@ -201,7 +214,8 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_run(tiny_world, reference
     elapsed = time.perf_counter() - started
     landed = Counter(kill.landed[0] for kill in kills)
     print(f"\n{len(kills)} SIGKILLs in {elapsed:.0f} s; landed per stage: {dict(landed)}; "
-          f"hidden temporaries seen after kills: {sum(k.hidden_temporaries for k in kills)}")
+          f"hidden temporaries seen after kills: {sum(k.hidden_temporaries for k in kills)}; "
+          f"measured wait ranges: " + ", ".join(f"{k} 0-{v[1]:.3f} s" for k, v in delays.items() if k not in KILL_DELAY))
     for kill in kills:
         print(f"  chain {kill.chain}: target {kill.target} landed {kill.landed} after {kill.seconds:.1f} s")
     assert len(kills) == 20
