@@ -90,7 +90,11 @@ def _norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, float] | None
 
 def _fused_norm(norm: torch.nn.Module):
     """`norm` as one fused `F.rms_norm` call when that gives the module's own output (`_norm_parameters`), else `norm`."""
-    parameters = _norm_parameters(norm)
+    return _fused(norm, _norm_parameters(norm))
+
+
+def _fused(norm: torch.nn.Module, parameters: tuple[torch.Tensor, float] | None):
+    """`_fused_norm` given `norm`'s `_norm_parameters`."""
     if parameters is None:
         return norm
     weight, eps = parameters
@@ -101,22 +105,21 @@ def _fused_norm(norm: torch.nn.Module):
     return fused
 
 
-def _native_layer(layer: torch.nn.Module, linears: list, head_dim: int, heads: int, kv_heads: int,
+def _native_layer(norms: list, linears: list, head_dim: int, heads: int, kv_heads: int,
                   scaling: float) -> native.DecodeLayer | None:
     """The whole layer as one native call (`native.DecodeLayer`) where every part of it has a native form:
-    the native linears and attention, and norms of the plain RMSNorm form."""
+    the native linears and attention, and norms of the plain RMSNorm form. norms: `_norm_parameters` of the
+    input and post-attention norms, then of the per-head q and k norms where the layer has them (Qwen3)."""
     if not all(isinstance(linear, native.BlockedLinear) for linear in linears) or not native.attention_supported(head_dim):
         return None
-    attention = layer.self_attn
-    norms = [_norm_parameters(layer.input_layernorm), _norm_parameters(layer.post_attention_layernorm)]
-    head_norms = None
-    if getattr(attention, "q_norm", None) is not None:
-        q_norm, k_norm = _norm_parameters(attention.q_norm), _norm_parameters(attention.k_norm)
-        if q_norm is None or k_norm is None or q_norm[1] != k_norm[1]:
-            return None
-        head_norms = (q_norm[0], k_norm[0], q_norm[1])
     if None in norms:
         return None
+    head_norms = None
+    if len(norms) == 4:
+        q_norm, k_norm = norms[2:]
+        if q_norm[1] != k_norm[1]:
+            return None
+        head_norms = (q_norm[0], k_norm[0], q_norm[1])
     qkv, out, gate_up, down = linears
     return native.DecodeLayer(input_norm=norms[0], post_norm=norms[1], head_norms=head_norms, qkv=qkv, out=out,
                               gate_up=gate_up, down=down, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -129,10 +132,15 @@ class _Layer:
     def __init__(self, layer: torch.nn.Module) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
-        self.input_norm, self.post_norm = _fused_norm(layer.input_layernorm), _fused_norm(layer.post_attention_layernorm)
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
         self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         if self.q_norm is not None:
-            self.q_norm, self.k_norm = _fused_norm(self.q_norm), _fused_norm(self.k_norm)
+            norms += [self.q_norm, self.k_norm]
+        norm_parameters = [_norm_parameters(norm) for norm in norms]  # probed once, for both decode paths
+        fused = [_fused(norm, parameters) for norm, parameters in zip(norms, norm_parameters)]
+        self.input_norm, self.post_norm = fused[:2]
+        if self.q_norm is not None:
+            self.q_norm, self.k_norm = fused[2:]
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
@@ -141,8 +149,8 @@ class _Layer:
         self.gate_up = _decode_linear([mlp.gate_proj.weight, mlp.up_proj.weight], _fused_bias([mlp.gate_proj, mlp.up_proj]))
         self.down = _decode_linear([mlp.down_proj.weight], _fused_bias([mlp.down_proj]))
         self.native_attention = native.attention_supported(self.head_dim)
-        self.native = _native_layer(layer, [self.qkv, self.out, self.gate_up, self.down], self.head_dim, self.heads,
-                                    self.kv_heads, self.scaling)
+        self.native = _native_layer(norm_parameters, [self.qkv, self.out, self.gate_up, self.down], self.head_dim,
+                                    self.heads, self.kv_heads, self.scaling)
 
     def __call__(self, hidden_B1H: torch.Tensor, cos_B11D: torch.Tensor, signed_sin_B11D: torch.Tensor,
                  attend_BL: torch.Tensor | None, cache_layer) -> torch.Tensor:
