@@ -135,11 +135,11 @@ LEAN_ARCHITECTURES = {
 }
 
 
-def _prefilled(model, prompts: list[list[int]], new_tokens: int):
+def _prefilled(model, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype | None = None):
     input_ids_BL, mask_BL, positions_BL = left_pad(prompts, pad_id=0)
     out = model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL, use_cache=True,
                 logits_to_keep=1)
-    reserve_cache(out.past_key_values, new_tokens)
+    reserve_cache(out.past_key_values, new_tokens, dtype)
     return out.past_key_values, out.logits[:, -1], mask_BL, positions_BL[:, -1] + 1
 
 
@@ -166,7 +166,11 @@ def test_lean_decoder_steps_match_the_transformers_forward_pass(architecture, ke
     with torch.inference_mode():
         decoder = LeanDecoder(model)
         assert decoder.native == (kernel != "onednn")  # each layer one native call wherever the kernels run
-        lean_cache, logits_BV, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=8)
+        # native bf16 layers keep a bf16 KV cache (half the bytes each step reads), the others float32
+        assert decoder.cache_dtype == (torch.bfloat16 if kernel == "native-bf16" else torch.float32)
+        lean_cache, logits_BV, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=8,
+                                                                 dtype=decoder.cache_dtype)
+        assert lean_cache.layers[0].keys.dtype == decoder.cache_dtype
         plain_cache, *_ = _prefilled(model, prompts, new_tokens=8)
         for step in range(6):
             tokens_B = logits_BV.argmax(-1)
@@ -204,7 +208,7 @@ def test_the_native_decode_layer_computes_what_the_python_layer_does(architectur
         layer = decoder.layers[1]
         assert layer.native is not None
         python_cache, _, mask_BL, positions_B = _prefilled(model, prompts, new_tokens=1)  # the slot must grow
-        native_cache, *_ = _prefilled(model, prompts, new_tokens=1)
+        native_cache, *_ = _prefilled(model, prompts, new_tokens=1, dtype=decoder.cache_dtype)  # bf16 with bf16
         for _step in range(3):
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones((3, 1))], dim=-1)
             hidden_B1H = torch.randn(3, 1, config.hidden_size) * 2
@@ -218,8 +222,9 @@ def test_the_native_decode_layer_computes_what_the_python_layer_does(architectur
             torch.testing.assert_close(hidden_BH, expected_B1H[:, 0], rtol=tolerance, atol=tolerance)
             python_layer, native_layer = python_cache.layers[1], native_cache.layers[1]
             assert native_layer.get_seq_length() == python_layer.get_seq_length()
-            torch.testing.assert_close(native_layer.keys, python_layer.keys, rtol=tolerance, atol=tolerance)
-            torch.testing.assert_close(native_layer.values, python_layer.values, rtol=tolerance, atol=tolerance)
+            assert native_layer.keys.dtype == native_layer.values.dtype == decoder.cache_dtype
+            torch.testing.assert_close(native_layer.keys.float(), python_layer.keys, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(native_layer.values.float(), python_layer.values, rtol=tolerance, atol=tolerance)
             positions_B = positions_B + 1
         hidden_BH, cos_BD = hidden_B1H[:, 0].clone(), cos_B1D[:, 0].contiguous()
         keys, values, position = native_cache.layers[1].append_slot()
@@ -229,6 +234,8 @@ def test_the_native_decode_layer_computes_what_the_python_layer_does(architectur
             layer.native(hidden_BH, cos_BD[:, :4].contiguous(), cos_BD, keys, values, position, None)
         with pytest.raises(ValueError, match="capacity >"):
             layer.native(hidden_BH, cos_BD, cos_BD, keys, values, keys.shape[2], None)
+        with pytest.raises(ValueError, match="both float32 or both bf16"):  # one cache of each kind
+            layer.native(hidden_BH, cos_BD, cos_BD, keys, values.double(), position, None)
         with pytest.raises(ValueError, match=r"attend_BL .* must be \(rows, position \+ 1\)"):
             layer.native(hidden_BH, cos_BD, cos_BD, keys, values, position, mask_BL.bool())
 

@@ -118,23 +118,26 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
         native._library.cache_clear()
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, length", [(4, 2, 16, 13), (16, 16, 32, 250), (8, 8, 64, 7),
                                                                (6, 3, 8, 1), (2, 1, 128, 9)])
-def test_decode_attention_matches_sdpa_over_a_reserved_cache(heads, kv_heads, head_dim, length):
+def test_decode_attention_matches_sdpa_over_a_reserved_cache(heads, kv_heads, head_dim, length, cache_dtype):
     assert native.available(), native.unavailable_reason()
     generator = torch.Generator().manual_seed(length)
     batch, capacity = 3, length + 5  # keys/values are views of a longer buffer, as in ReservedLayer
     qkv_B1X = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, generator=generator) * 3
     queries_BQD = qkv_B1X.view(batch, heads + 2 * kv_heads, head_dim)[:, :heads]  # strided rows
-    keys_BKLD = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)[:, :, :length] * 2
-    values_BKLD = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)[:, :, :length]
+    # a bf16 cache is read as the floats it holds: SDPA over its float32 copy is the reference
+    keys_BKLD = (torch.randn(batch, kv_heads, capacity, head_dim, generator=generator) * 2).to(cache_dtype)[:, :, :length]
+    values_BKLD = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator).to(cache_dtype)[:, :, :length]
     attend_BL = torch.ones(batch, length, dtype=torch.bool)
     attend_BL[0, : length // 2] = False  # left padding
     attend_BL[1, -1] = length == 1  # a row with nothing to attend when length is 1
     for mask in (None, attend_BL):
         out_BX = native.decode_attention(queries_BQD, keys_BKLD, values_BKLD, mask, 0.3)
         expected_BH1D = torch.nn.functional.scaled_dot_product_attention(
-            queries_BQD[:, :, None], keys_BKLD, values_BKLD, attn_mask=None if mask is None else mask[:, None, None],
+            queries_BQD[:, :, None], keys_BKLD.float(), values_BKLD.float(),
+            attn_mask=None if mask is None else mask[:, None, None],
             scale=0.3, enable_gqa=heads != kv_heads)
         expected_BX = expected_BH1D.reshape(batch, heads * head_dim)
         live = mask is None or bool(mask[1].any())
@@ -143,12 +146,14 @@ def test_decode_attention_matches_sdpa_over_a_reserved_cache(heads, kv_heads, he
             torch.testing.assert_close(out_BX[1], expected_BX[1], rtol=1e-5, atol=1e-5)
         else:  # SDPA gives NaN there; we give zeros
             assert torch.equal(out_BX[1], torch.zeros_like(out_BX[1]))
-    every_other_BKLD = torch.randn(batch, kv_heads, 2 * length, head_dim)[:, :, ::2]  # positions 2 apart
+    every_other_BKLD = torch.randn(batch, kv_heads, 2 * length, head_dim).to(cache_dtype)[:, :, ::2]  # 2 apart
     with pytest.raises(ValueError, match="must be contiguous"):
         native.decode_attention(queries_BQD, every_other_BKLD, values_BKLD, None, 0.3)
     with pytest.raises(ValueError, match=r"attend_BL .* must be \(rows, cached positions\)"):
         native.decode_attention(queries_BQD, keys_BKLD, values_BKLD, attend_BL[:, :-1], 0.3)
     with pytest.raises(ValueError, match="disagree on rows"):
         native.decode_attention(queries_BQD[:2], keys_BKLD, values_BKLD, None, 0.3)
-    with pytest.raises(ValueError, match="float32 CPU tensors"):
+    with pytest.raises(ValueError, match="float32 CPU queries"):
         native.decode_attention(queries_BQD.double(), keys_BKLD, values_BKLD, None, 0.3)
+    with pytest.raises(ValueError, match=r"\(one dtype\)"):  # keys and values of different dtypes
+        native.decode_attention(queries_BQD, keys_BKLD, values_BKLD.double(), None, 0.3)

@@ -249,7 +249,7 @@ class HFEngine(EngineBase):
             out = self.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
                              use_cache=True, logits_to_keep=1)
             cache, logits_BV = out.past_key_values, out.logits[:, -1]
-        reserve_cache(cache, sampling.max_new_tokens, self.model.dtype)
+        reserve_cache(cache, sampling.max_new_tokens, decoder.cache_dtype if decoder is not None else self.model.dtype)
         if decoder is not None and not all(isinstance(layer, ReservedLayer) for layer in cache.layers):
             decoder = None
         if sampling.n > 1:  # one cache copy per sample, prompt-major

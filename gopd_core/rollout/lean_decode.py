@@ -15,7 +15,8 @@ seven linears per layer) adds as much again. `LeanDecoder` runs the same arithme
    cache with the left-padding mask (`native.decode_attention`, else SDPA), and the SwiGLU MLP; then
    the final norm and the LM head. Where the native kernels run and every norm has the plain RMSNorm
    form, each layer is instead one native call doing all of that (`native.DecodeLayer`): around
-   four linears the Python layer ran ~100 small torch ops per step.
+   four linears the Python layer ran ~100 small torch ops per step. Those calls keep the KV cache in
+   bf16 where their linears are bf16 (`cache_dtype`), else float32.
 3. Models it does not cover decode through transformers as before (`LeanDecoder.supports`): other
    architectures, sliding-window layers, non-SiLU MLPs, partial rotary, logit transforms, anything
    off the CPU or not float32.
@@ -189,6 +190,9 @@ class LeanDecoder:
         self.head = _decode_linear([model.lm_head.weight], _fused_bias([model.lm_head]))
         self.bf16 = _bf16_linears()
         self.native = all(layer.native is not None for layer in self.layers)
+        # the KV cache's dtype for `reserve_cache`: bf16 where the layers are native bf16 calls, halving the bytes
+        # each step's attention reads (the update's keys and values come out of bf16 matmuls too); else float32
+        self.cache_dtype = torch.bfloat16 if self.native and self.bf16 else torch.float32
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -214,7 +218,7 @@ class LeanDecoder:
         (its matmuls at the bf16 rate: 0.12 -> 0.075 s for 8 x 35 tokens of the 25.8M zoo student); the
         last position goes through the decode head, whose packed weights are at hand (an autocast head
         would cast all its weights for B rows: 60 ms at a 151,936 x 512 head). The cache may hold bf16
-        values: `reserve_cache` takes them in the decode dtype.
+        values: `reserve_cache` takes them in `cache_dtype`.
         """
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = model.model(input_ids=input_ids_BL, attention_mask=mask_BL, position_ids=positions_BL,

@@ -12,14 +12,19 @@ within ~12% of it either way at 32-64 (`benchmarks/perf.py`'s rollout section me
    named by the source's hash, written to a temporary name and renamed into place.
 2. `BlockedLinear` stores a weight once as (ceil(N/16), K, 16) blocks and calls the kernel through
    ctypes on contiguous float32 buffers; `decode_attention` is one query per row attending over a KV
-   cache (grouped-query too), softmax in float32. Both use `torch.get_num_threads()` OpenMP threads of
-   the runtime torch has already loaded (same soname).
+   cache (grouped-query too; float32, or bf16 read as the floats it holds), softmax in float32. Both use
+   `torch.get_num_threads()` OpenMP threads of the runtime torch has already loaded (same soname).
    On a CPU with AVX512-BF16, `BlockedLinear(..., bf16=True)` keeps the weight in bf16 pairs and runs
    `small_gemm_bf16` (vdpbf16ps, fp32 accumulation; compiled into the same library through target
    attributes): half the bytes per step. On an AVX512-BF16 EPYC, 8 layers of the 25.8M student at
    1/8/32/128 rows took 2.7/3.5/7.5/19.9 ms against 4.6/6.6/14.1/44.1 ms in float32.
    `DecodeLayer` runs a whole Llama-family layer of a decode step in one call (`decode_layer`: norms,
-   the fused projections, RoPE, the cache write, attention, SwiGLU, residuals) over those linears.
+   the fused projections, RoPE, the cache write, attention, SwiGLU, residuals) over those linears. With
+   bf16 linears the rollout keeps its KV cache in bf16 (`LeanDecoder.cache_dtype`): the linears read the
+   weights at the memory's rate (~25 GB/s at 8 rows on the perf machine), and the attention reads the
+   cache at that rate too, so half its bytes is half its time: 8 layers of the 25.8M student at 8 rows,
+   steps at positions 34-94: 0.73 ms of attention per step in float32, ~0.4 ms less in bf16; at positions
+   34-284 a step took 3.8-4.4 ms instead of 4.8-5.3 ms.
 3. Nothing here is required: `available()` is False off x86-64 Linux, without AVX2/FMA, without a C
    compiler, when the build fails (a warning gives the compiler's message), or with
    GOPD_NATIVE_KERNELS=0; callers then use oneDNN's prepacked kernel and SDPA as before.
@@ -47,6 +52,7 @@ from gopd_core.hardware import cpu_flags
 
 SOURCES = (Path(__file__).with_name("small_gemm.c"), Path(__file__).with_name("causal_attention.c"))
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
+CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the decode kernels read a KV cache in
 SWITCH = "GOPD_NATIVE_KERNELS"
 CACHE = "GOPD_NATIVE_CACHE"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
@@ -104,7 +110,7 @@ def _library() -> ctypes.CDLL | None:
     library.small_gemm_bf16.argtypes = library.small_gemm.argtypes
     library.small_gemm_bf16.restype = None
     library.decode_attention.argtypes = [pointer, size, size, size, size, size, pointer, size, size, pointer, size,
-                                         size, size, pointer, size, ctypes.c_float, pointer, ctypes.c_int]
+                                         size, size, pointer, size, ctypes.c_float, pointer, ctypes.c_int, ctypes.c_int]
     library.decode_attention.restype = None
     library.causal_attention_bf16.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size,
                                               ctypes.c_float, pointer, ctypes.c_int]
@@ -113,7 +119,7 @@ def _library() -> ctypes.CDLL | None:
     library.logsumexp_bf16.argtypes = [pointer, size, size, size, pointer, ctypes.c_int]
     library.pack_blocks.restype = None
     library.decode_layer.argtypes = [ctypes.POINTER(_LayerConstants), pointer, size, pointer, pointer, pointer, pointer,
-                                     size, size, size, pointer, size, ctypes.c_int]
+                                     size, size, size, pointer, size, ctypes.c_int, ctypes.c_int]
     library.decode_layer.restype = ctypes.c_int
     return library
 
@@ -179,17 +185,20 @@ def decode_attention(queries_BQD: torch.Tensor, keys_BKLD: torch.Tensor, values_
                      attend_BL: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Each row's one new query per head attending over its cache: (B, H * D), heads side by side.
 
-    queries_BQD: (B, H, D), each row's heads contiguous (a row may be strided, as a slice of the qkv output).
-    keys_BKLD / values_BKLD: (B, Hkv, L, D) with contiguous (L, D) per head, e.g. views of a reserved cache
-    buffer; H must be a multiple of Hkv (grouped-query attention). attend_BL: bool, True where a row may
-    attend; None for everywhere. Softmax in float32, as SDPA's; a row with nothing to attend gives zeros.
+    queries_BQD: (B, H, D) float32, each row's heads contiguous (a row may be strided, as a slice of the qkv output).
+    keys_BKLD / values_BKLD: (B, Hkv, L, D), both float32 or both bf16 (read as the floats they are), with
+    contiguous (L, D) per head, e.g. views of a reserved cache buffer; H must be a multiple of Hkv (grouped-query
+    attention). attend_BL: bool, True where a row may attend; None for everywhere. Softmax in float32, as SDPA's;
+    a row with nothing to attend gives zeros.
     """
     batch, heads, dim = queries_BQD.shape
     kv_heads, length = keys_BKLD.shape[1], keys_BKLD.shape[2]
     tensors = (queries_BQD, keys_BKLD, values_BKLD)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or dim % 8:
-        raise ValueError(f"decode_attention takes float32 CPU tensors with head size a multiple of 8, got "
-                         f"{[(t.dtype, str(t.device)) for t in tensors]}, head size {dim}")
+    if (queries_BQD.dtype != torch.float32 or keys_BKLD.dtype not in CACHE_DTYPES or values_BKLD.dtype != keys_BKLD.dtype
+            or any(t.device.type != "cpu" for t in tensors) or dim % 8):
+        raise ValueError(f"decode_attention takes float32 CPU queries and float32 or bf16 CPU keys and values (one "
+                         f"dtype) with head size a multiple of 8, got {[(t.dtype, str(t.device)) for t in tensors]}, "
+                         f"head size {dim}")
     if keys_BKLD.shape[0] != batch or keys_BKLD.shape[3] != dim:
         raise ValueError(f"queries {tuple(queries_BQD.shape)} and keys {tuple(keys_BKLD.shape)} disagree on "
                          f"rows or head size")
@@ -207,7 +216,8 @@ def decode_attention(queries_BQD: torch.Tensor, keys_BKLD: torch.Tensor, values_
                                 keys_BKLD.data_ptr(), keys_BKLD.stride(0), keys_BKLD.stride(1), values_BKLD.data_ptr(),
                                 values_BKLD.stride(0), values_BKLD.stride(1), length,
                                 None if mask is None else mask.data_ptr(),
-                                0 if mask is None else mask.stride(0), scale, out_BX.data_ptr(), torch.get_num_threads())
+                                0 if mask is None else mask.stride(0), scale, out_BX.data_ptr(),
+                                int(keys_BKLD.dtype == torch.bfloat16), torch.get_num_threads())
     return out_BX
 
 
@@ -336,10 +346,10 @@ class DecodeLayer:
         """Run the layer on hidden_BH in place (contiguous float32 (B, hidden)).
 
         cos_BD / sin_BD: contiguous float32 (B, head_dim) rotary angles of each row's new position.
-        keys_BKCD / values_BKCD: the layer's reserved float32 cache (B, kv heads, capacity, head_dim), each head's
-        (capacity, head_dim) contiguous, same strides; this token goes at `position` < capacity, and each row
-        attends over positions 0..position. attend_BL: bool (B, position + 1), True where a row may attend; None
-        for everywhere.
+        keys_BKCD / values_BKCD: the layer's reserved cache (B, kv heads, capacity, head_dim), float32 or bf16 (both
+        alike: the new key and value are rounded to bf16 there, as torch rounds), each head's (capacity, head_dim)
+        contiguous, same strides; this token goes at `position` < capacity, and each row attends over positions
+        0..position. attend_BL: bool (B, position + 1), True where a row may attend; None for everywhere.
         """
         batch = hidden_BH.shape[0]
         caches = (keys_BKCD, values_BKCD)
@@ -351,12 +361,14 @@ class DecodeLayer:
                for t in (cos_BD, sin_BD)):
             raise ValueError(f"cos/sin must be contiguous float32 ({batch}, {self.head_dim}), got "
                              f"{[(t.dtype, tuple(t.shape)) for t in (cos_BD, sin_BD)]}")
-        if (any(t.dtype != torch.float32 or t.dim() != 4 for t in caches) or keys_BKCD.shape != values_BKCD.shape
+        if (keys_BKCD.dtype not in CACHE_DTYPES or values_BKCD.dtype != keys_BKCD.dtype
+                or any(t.dim() != 4 for t in caches) or keys_BKCD.shape != values_BKCD.shape
                 or keys_BKCD.stride() != values_BKCD.stride() or keys_BKCD.shape[0] != batch
                 or keys_BKCD.shape[1] != self.kv_heads or keys_BKCD.shape[3] != self.head_dim
                 or keys_BKCD.stride()[2:] != (self.head_dim, 1) or not 0 <= position < keys_BKCD.shape[2]):
-            raise ValueError(f"cache keys {tuple(keys_BKCD.shape)} / values {tuple(values_BKCD.shape)} (strides "
-                             f"{keys_BKCD.stride()}) must be float32 ({batch}, {self.kv_heads}, capacity > {position}, "
+            raise ValueError(f"cache keys {tuple(keys_BKCD.shape)} {keys_BKCD.dtype} / values {tuple(values_BKCD.shape)} "
+                             f"{values_BKCD.dtype} (strides {keys_BKCD.stride()}) must be both float32 or both bf16 "
+                             f"({batch}, {self.kv_heads}, capacity > {position}, "
                              f"{self.head_dim}) with the same strides and each head's block contiguous")
         mask = None
         if attend_BL is not None:
@@ -366,6 +378,7 @@ class DecodeLayer:
         status = _library().decode_layer(
             ctypes.byref(self._constants), hidden_BH.data_ptr(), batch, cos_BD.data_ptr(), sin_BD.data_ptr(),
             keys_BKCD.data_ptr(), values_BKCD.data_ptr(), keys_BKCD.stride(0), keys_BKCD.stride(1), position,
-            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0), torch.get_num_threads())
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+            int(keys_BKCD.dtype == torch.bfloat16), torch.get_num_threads())
         if status:
             raise MemoryError(f"decode_layer could not allocate its scratch for {batch} rows")

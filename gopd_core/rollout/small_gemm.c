@@ -149,11 +149,20 @@ static float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-/* One query head over its L cached keys/values into o (D = 8 * chunks); p: L + 8 floats of scratch.
- * Always inlined and called with a constant `chunks` where it can be, so the loops over D unroll. */
-static inline __attribute__((always_inline)) void attend_head(const int chunks, const float *qh, const float *k,
-                                                              const float *v, int64_t L, const unsigned char *m,
-                                                              float scale, float *p, float *o) {
+/* 8 cached floats at x + i: float32, or bf16 (kv16) widened exactly (a bf16 is a float's upper half). */
+static inline __attribute__((always_inline)) __m256 load_kv(const void *x, int64_t i, const int kv16) {
+    if (kv16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16));
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+/* One query head over its L cached keys/values (float32, or bf16 with kv16) into o (D = 8 * chunks); p: L + 8
+ * floats of scratch. Always inlined and called with constant `chunks` and `kv16` where it can be, so the loops
+ * over D unroll and the loads are one kind. */
+static inline __attribute__((always_inline)) void attend_head(const int chunks, const int kv16, const float *qh,
+                                                              const void *k, const void *v, int64_t L,
+                                                              const unsigned char *m, float scale, float *p, float *o) {
     const int64_t D = 8 * (int64_t)chunks;
     int64_t l = 0;
     for (; l + 8 <= L; l += 8) {  /* scores, 8 keys at a time: one accumulator each */
@@ -161,14 +170,14 @@ static inline __attribute__((always_inline)) void attend_head(const int chunks, 
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
         for (int c = 0; c < chunks; ++c) {
             __m256 qc = _mm256_loadu_ps(qh + c * 8);
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (l + j) * D + c * 8), acc[j]);
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qc, load_kv(k, (l + j) * D + c * 8, kv16), acc[j]);
         }
         _mm256_storeu_ps(p + l, _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale)));
     }
     for (; l < L; ++l) {
         __m256 acc = _mm256_setzero_ps();
         for (int c = 0; c < chunks; ++c)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8), _mm256_loadu_ps(k + l * D + c * 8), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c * 8), load_kv(k, l * D + c * 8, kv16), acc);
         p[l] = hsum8(acc) * scale;
     }
     float top = -INFINITY;
@@ -190,7 +199,7 @@ static inline __attribute__((always_inline)) void attend_head(const int chunks, 
     for (int c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
     for (l = 0; l < L; ++l) {  /* sum_l p_l v_l, one pass over the values */
         __m256 weight = _mm256_set1_ps(p[l]);
-        for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + l * D + c * 8), acc[c]);
+        for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(weight, load_kv(v, l * D + c * 8, kv16), acc[c]);
     }
     __m256 inverse = _mm256_set1_ps(1.0f / hsum8(total));
     for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(o + c * 8, _mm256_mul_ps(acc[c], inverse));
@@ -198,31 +207,44 @@ static inline __attribute__((always_inline)) void attend_head(const int chunks, 
 
 /* Attention of one new query per row over a KV cache (a decode step), softmax in float32.
  * q: row b, head h at q + b * q_stride + h * D; keys: row b, kv head g, position l at
- * keys + b * k_stride_b + g * k_stride_h + l * D, values alike with v_strides; query head h reads kv
- * head h / (H / Hkv).
+ * keys + b * k_stride_b + g * k_stride_h + l * D, values alike with v_strides (in elements: float32, or bf16
+ * with kv16, widened exactly); query head h reads kv head h / (H / Hkv).
  * mask: (B, mask_stride) bytes, nonzero where row b may attend position l; NULL attends everywhere.
  * out: (B, H, D). D is a multiple of 8. threads: torch's count. */
 void decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                      const float *keys, int64_t k_stride_b, int64_t k_stride_h, const float *values,
+                      const void *keys, int64_t k_stride_b, int64_t k_stride_h, const void *values,
                       int64_t v_stride_b, int64_t v_stride_h, int64_t L,
-                      const unsigned char *mask, int64_t mask_stride, float scale, float *out, int threads) {
+                      const unsigned char *mask, int64_t mask_stride, float scale, float *out, int kv16, int threads) {
     int64_t group = H / Hkv;
     int chunks = (int)(D / 8);
+    const size_t size = kv16 ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel num_threads(threads)
     {
         float *p = (float *)malloc((size_t)(L + 8) * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             int64_t b = bh / H, g = (bh % H) / group;
-            const float *k = keys + b * k_stride_b + g * k_stride_h, *v = values + b * v_stride_b + g * v_stride_h;
+            const char *k = (const char *)keys + (b * k_stride_b + g * k_stride_h) * size;
+            const char *v = (const char *)values + (b * v_stride_b + g * v_stride_h) * size;
             const float *qh = q + b * q_stride + (bh % H) * D;
             const unsigned char *m = mask ? mask + b * mask_stride : NULL;
-            switch (chunks) {
-            case 2: attend_head(2, qh, k, v, L, m, scale, p, out + bh * D); break;
-            case 4: attend_head(4, qh, k, v, L, m, scale, p, out + bh * D); break;
-            case 8: attend_head(8, qh, k, v, L, m, scale, p, out + bh * D); break;
-            case 16: attend_head(16, qh, k, v, L, m, scale, p, out + bh * D); break;
-            default: attend_head(chunks, qh, k, v, L, m, scale, p, out + bh * D); break;
+            float *o = out + bh * D;
+            if (kv16) {
+                switch (chunks) {
+                case 2: attend_head(2, 1, qh, k, v, L, m, scale, p, o); break;
+                case 4: attend_head(4, 1, qh, k, v, L, m, scale, p, o); break;
+                case 8: attend_head(8, 1, qh, k, v, L, m, scale, p, o); break;
+                case 16: attend_head(16, 1, qh, k, v, L, m, scale, p, o); break;
+                default: attend_head(chunks, 1, qh, k, v, L, m, scale, p, o); break;
+                }
+            } else {
+                switch (chunks) {
+                case 2: attend_head(2, 0, qh, k, v, L, m, scale, p, o); break;
+                case 4: attend_head(4, 0, qh, k, v, L, m, scale, p, o); break;
+                case 8: attend_head(8, 0, qh, k, v, L, m, scale, p, o); break;
+                case 16: attend_head(16, 0, qh, k, v, L, m, scale, p, o); break;
+                default: attend_head(chunks, 0, qh, k, v, L, m, scale, p, o); break;
+                }
             }
         }
         free(p);
@@ -313,13 +335,14 @@ static void rotate_head(float *x, const float *cos, const float *sin, int64_t D)
 
 /* hidden (B, H) float32, updated in place by one layer for one new token per row.
  * cos/sin: (B, D), each row's rotary angles at its position (the model's own rotary module computes them).
- * keys/values: the layer's reserved cache, row b, kv head g, position l at keys + b * stride_b + g * stride_h + l * D;
+ * keys/values: the layer's reserved cache, row b, kv head g, position l at keys + b * stride_b + g * stride_h + l * D
+ * (elements: float32, or bf16 with kv16, this token's rounded to nearest even as torch rounds);
  * this token's key and value are written at `position`, then each row attends over positions 0..position.
  * mask: (B, mask_stride) bytes, nonzero where a row may attend, covering position + 1 entries; NULL: everywhere.
  * Returns 0, or -1 when its scratch memory cannot be had. */
 int decode_layer(const DecodeLayer *layer, float *hidden, int64_t B, const float *cos, const float *sin,
-                 float *keys, float *values, int64_t stride_b, int64_t stride_h, int64_t position,
-                 const unsigned char *mask, int64_t mask_stride, int threads) {
+                 void *keys, void *values, int64_t stride_b, int64_t stride_h, int64_t position,
+                 const unsigned char *mask, int64_t mask_stride, int kv16, int threads) {
     const int64_t H = layer->hidden, Hq = layer->heads, Hkv = layer->kv_heads, D = layer->head_dim;
     const int64_t I = layer->intermediate, width = (Hq + 2 * Hkv) * D;
     int64_t widest = H > I ? H : I;  /* the longest input row of a linear: H, Hq * D or I */
@@ -346,12 +369,21 @@ int decode_layer(const DecodeLayer *layer, float *hidden, int64_t B, const float
             rotate_head(head, cos + b * D, sin + b * D, D);
         }
         for (int64_t g = 0; g < Hkv; ++g) {
-            memcpy(keys + b * stride_b + g * stride_h + position * D, row + (Hq + g) * D, (size_t)D * sizeof(float));
-            memcpy(values + b * stride_b + g * stride_h + position * D, row + (Hq + Hkv + g) * D, (size_t)D * sizeof(float));
+            const int64_t slot = b * stride_b + g * stride_h + position * D;
+            const float *key = row + (Hq + g) * D, *value = row + (Hq + Hkv + g) * D;
+            if (kv16) {
+                for (int64_t d = 0; d < D; ++d) {
+                    ((uint16_t *)keys)[slot + d] = to_bf16(key[d]);
+                    ((uint16_t *)values)[slot + d] = to_bf16(value[d]);
+                }
+            } else {
+                memcpy((float *)keys + slot, key, (size_t)D * sizeof(float));
+                memcpy((float *)values + slot, value, (size_t)D * sizeof(float));
+            }
         }
     }
     decode_attention(qkv, width, B, Hq, Hkv, D, keys, stride_b, stride_h, values, stride_b, stride_h, position + 1,
-                     mask, mask_stride, layer->scale, attended, threads);
+                     mask, mask_stride, layer->scale, attended, kv16, threads);
     layer_linear(layer, attended, B, Hq * D, layer->out, H, layer->out_bias, projected, pairs, threads);
     for (int64_t i = 0; i < B * H; ++i) hidden[i] += projected[i];
     for (int64_t b = 0; b < B; ++b) rms_norm(hidden + b * H, layer->post_norm, H, layer->post_eps, normed + b * H);
