@@ -523,6 +523,16 @@ OPTIMISATIONS = [
     "the hash is taken from memory as before). 42.1M-parameter student: write then hash 0.22-0.24 s -> 0.16 s for "
     "both, same hash (a test reads the files back). The deferred thread now only writes the AdamW state, and runs "
     "under SCHED_IDLE (was nice 10): only on CPU time the stages leave idle.",
+    "32. A bf16 KV cache for the native bf16 decode layers (`LeanDecoder.cache_dtype`; `decode_attention` and "
+    "`decode_layer` read and write float32 or bf16): timers inside `decode_layer` (25.8M student, 8 rows, positions "
+    "34-94) gave 3.0-3.1 ms per step in the 8 layers: the linears 2.0-2.1 ms, each at 22-26 GB/s, the memory's "
+    "rate, and the attention over the float32 cache 0.73-0.78 ms, reading the cache at that rate too. Halving its "
+    "bytes: steps at positions 34-94 3.55-3.77 -> 3.18 ms, at 34-284 4.8-5.3 -> 3.8-4.4 ms (same-machine A/B, "
+    "`LeanDecoder.step` alone). The update's keys and values come out of bf16 matmuls as well. Tried and not kept: "
+    "BLAKE3 for the checkpoint hash (4.4 GB/s a core against sha256's 1.7): `save_model` of 168 MB took "
+    "0.126-0.135 s against 0.123-0.142 s, as its O_DIRECT writes pace it (this disk: 1.9-2.0 GB/s in 8 MiB writes "
+    "at any queue depth; 16 and 32 MiB staging buffers were slower); other prefetch distances for the bf16 decode "
+    "kernel (1-16 KB ahead, into L1 or L2): within noise.",
 ]
 
 
@@ -778,7 +788,12 @@ def _why(target: str, results: dict) -> str:
                 "no KV-cache copies, fused prepacked decode steps in `rollout.lean_decode`); the teacher forward and the student forward and "
                 "backward are the same passes on the same tokens in both tools, and gopd runs them at the "
                 "machine's matmul rate (sections 2 and 4). A 2x step would need TRL to spend twice the machine's "
-                "time on those passes, which it does not here.")
+                "time on those passes, which it does not here. Where gopd's step goes (profiled at this row's "
+                "shape, 2026-11-27): the decode linears read the weights at 22-26 GB/s, this machine's memory rate "
+                "(item 32); the scorer's `aten::mm` ran 85% of its profiled time at the matmul peak; the update's "
+                "`aten::mm` ran at the peak too (264 ms of a 417 ms profiled step), the rest being small ops: per-row "
+                "float32 attention forward and backward 53 ms, casts 17 ms, fused AdamW 13 ms, elementwise ~35 ms; "
+                "and the checkpoint's 103 MB of weights take ~80 ms on a disk that writes 1.9-2.0 GB/s.")
         return split + (
             "At a real vocabulary TRL builds (B, L, V) logits of both models at every position, prompt "
             "included, and a full-vocabulary KL with its backward; gopd computes only the sampled token's "
