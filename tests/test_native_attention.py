@@ -282,3 +282,113 @@ class _Head(torch.nn.Module):
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm_head
+
+
+needs_avx512 = pytest.mark.skipif(not native.training_attention_supported(32),
+                                  reason="this CPU has no AVX-512F: the update keeps SDPA (tested above)")
+
+
+def packed_projections(heads: int, kv_heads: int, dim: int, lengths: list[int], seed: int):
+    """q (H, T, D), k, v (Hkv, T, D) as views of one (T, (H + 2 Hkv) D) projection, and the rows' bounds."""
+    total = sum(lengths)
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * dim, generator=torch.Generator().manual_seed(seed)) * 2
+    queries = qkv[:, :heads * dim].view(total, heads, dim).transpose(0, 1)
+    keys = qkv[:, heads * dim:(heads + kv_heads) * dim].view(total, kv_heads, dim).transpose(0, 1)
+    values = qkv[:, (heads + kv_heads) * dim:].view(total, kv_heads, dim).transpose(0, 1)
+    bounds = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int64)
+    return queries, keys, values, bounds
+
+
+def rows_in_float64(queries, keys, values, bounds, scale):
+    """Each row's causal SDPA in float64, joined: (T, H, D)."""
+    group = queries.shape[0] // keys.shape[0]
+    rows = []
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        q, k, v = (t[:, start:end].double() for t in (queries, keys, values))
+        rows.append(F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
+                                                   is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(rows)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "lengths"), [
+    (4, 2, 16, [13, 1, 40]), (16, 16, 32, [88, 97, 110]), (8, 8, 64, [7, 33]), (2, 1, 128, [9, 20]),
+    (6, 3, 48, [17, 5]), (2, 2, 32, [300]),
+])
+def test_training_attention_and_its_gradients_match_float64_sdpa(heads, kv_heads, dim, lengths):
+    queries, keys, values, bounds = packed_projections(heads, kv_heads, dim, lengths, seed=sum(lengths))
+    scale = dim ** -0.5
+    out, lse = native.training_attention_forward(queries, keys, values, bounds, scale)
+    wide = [t.detach().double().requires_grad_() for t in (queries, keys, values)]
+    want = rows_in_float64(*wide, bounds, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want.backward(grad)
+    got = native.training_attention_backward(queries, keys, values, out, grad.float().contiguous(), lse, bounds, scale)
+    for name, mine, theirs in zip(("queries", "keys", "values"), got, wide):
+        torch.testing.assert_close(mine.double(), theirs.grad, atol=1e-4, rtol=1e-5, msg=f"gradient of the {name}")
+
+
+@needs_avx512
+def test_training_attention_refuses_what_it_cannot_compute():
+    queries, keys, values, bounds = packed_projections(2, 2, 32, [5, 6], seed=0)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        native.training_attention_forward(queries.double(), keys, values, bounds, 0.2)
+    with pytest.raises(ValueError, match="16 to 128 in steps of 16"):
+        native.training_attention_forward(queries[..., :8], keys[..., :8], values[..., :8], bounds, 0.2)
+    with pytest.raises(ValueError, match="bounds must be"):
+        native.training_attention_forward(queries, keys, values, torch.tensor([0, 5, 10]), 0.2)
+    out, lse = native.training_attention_forward(queries, keys, values, bounds, 0.2)
+    with pytest.raises(ValueError, match="grad must be a contiguous float32"):
+        native.training_attention_backward(queries, keys, values, out, out[:3], lse, bounds, 0.2)
+
+
+def llama_with_heads_of(dim: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=61, hidden_size=4 * dim, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config)
+
+
+def packed_backward(model, lengths: list[int], autocast: bool):
+    """Logits and parameter gradients of one packed forward and backward through `cpu_attention`."""
+    model.zero_grad()
+    generator = torch.Generator().manual_seed(len(lengths))
+    input_ids = torch.randint(0, 61, (1, sum(lengths)), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with attention.cpu_attention(model), attention.packed_rows(lengths):
+            logits = model(input_ids=input_ids, position_ids=positions).logits
+        logits.float().pow(2).mean().backward()
+    return logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@needs_avx512
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_packed_update_runs_the_native_training_attention(autocast, monkeypatch):
+    model, lengths = llama_with_heads_of(16, seed=7), [5, 17, 30]
+    calls, kernel = [], native.training_attention_forward
+    monkeypatch.setattr(native, "training_attention_forward", lambda *a: calls.append(a[3].tolist()) or kernel(*a))
+    logits, grads = packed_backward(model, lengths, autocast)
+    assert calls == [[0, 5, 22, 52]] * 2  # one call per layer for all rows
+    monkeypatch.setattr(native, "training_attention_supported", lambda dim: False)  # SDPA row by row, as before
+    sdpa_logits, sdpa_grads = packed_backward(model, lengths, autocast)
+    assert len(calls) == 2
+    # autocast: the same bf16 output; gradients then pass bf16 matmuls, where a last-bit difference can round an
+    # entry to the neighbouring bf16 value (~0.4%)
+    tolerance = 1e-2 if autocast else 1e-5
+    torch.testing.assert_close(logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, sdpa_grads[name], atol=tolerance * float(sdpa_grads[name].abs().max()),
+                                   rtol=tolerance, msg=name)
+
+
+@needs_avx512
+def test_rows_longer_than_the_native_training_limit_keep_sdpa(monkeypatch):
+    calls, kernel = [], native.training_attention_forward
+    monkeypatch.setattr(native, "training_attention_forward", lambda *a: calls.append(a[3].tolist()) or kernel(*a))
+    monkeypatch.setattr(attention, "NATIVE_TRAINING_LENGTH", 20)
+    packed_backward(llama_with_heads_of(16, seed=8), [5, 17, 30], autocast=False)
+    assert not calls
+    packed_backward(llama_with_heads_of(16, seed=8), [5, 17, 20], autocast=False)
+    assert len(calls) == 2

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from gopd_core.hardware import cpu_flags
 
-SOURCES = (Path(__file__).with_name("small_gemm.c"), Path(__file__).with_name("causal_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("small_gemm.c", "causal_attention.c", "training_attention.c"))
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
 CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the decode kernels read a KV cache in
 SWITCH = "GOPD_NATIVE_KERNELS"
@@ -121,6 +122,13 @@ def _library() -> ctypes.CDLL | None:
     library.decode_layer.argtypes = [ctypes.POINTER(_LayerConstants), pointer, size, pointer, pointer, pointer, pointer,
                                      size, size, size, pointer, size, ctypes.c_int, ctypes.c_int]
     library.decode_layer.restype = ctypes.c_int
+    strided = [pointer, size, size] * 3  # q, k, v with their head and position strides
+    library.training_attention_forward.argtypes = [*strided, pointer, size, size, size, size, ctypes.c_float, pointer,
+                                                   pointer, ctypes.c_int]
+    library.training_attention_forward.restype = ctypes.c_int
+    library.training_attention_backward.argtypes = [*strided, pointer, pointer, pointer, pointer, size, size, size, size,
+                                                    ctypes.c_float, pointer, pointer, pointer, ctypes.c_int]
+    library.training_attention_backward.restype = ctypes.c_int
     return library
 
 
@@ -271,6 +279,76 @@ def causal_attention(queries_BHLD: torch.Tensor, keys_BKLD: torch.Tensor, values
             raise MemoryError(f"causal_attention could not allocate its scratch for {batch} rows x {length} positions "
                               f"x {kv_heads} kv heads x head size {dim} (about twice the keys' and values' bytes)")
     return out_BLHD
+
+
+def training_attention_supported(head_dim: int) -> bool:
+    """Whether `training_attention_forward`/`_backward` cover heads of `head_dim` here: AVX-512F, head size 16 to
+    128 in steps of 16."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= 128 and "avx512f" in cpu_flags() and available()
+
+
+def _training_attention_inputs(query_HTD: torch.Tensor, key_KTD: torch.Tensor, value_KTD: torch.Tensor,
+                               bounds_R: torch.Tensor) -> list:
+    """Checks the kernels' assumptions; returns the (pointer, head stride, position stride) of q, k and v."""
+    tensors = (query_HTD, key_KTD, value_KTD)
+    heads, total, dim = query_HTD.shape
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1 for t in tensors):
+        raise ValueError(f"training attention takes 3-D float32 CPU (heads, positions, head size) tensors with the "
+                         f"head size contiguous, got {[(t.dtype, str(t.device), tuple(t.shape), t.stride()) for t in tensors]}")
+    if (key_KTD.shape != value_KTD.shape or key_KTD.shape[1:] != (total, dim) or heads % key_KTD.shape[0]
+            or not training_attention_supported(dim)):
+        raise ValueError(f"queries {tuple(query_HTD.shape)}, keys {tuple(key_KTD.shape)}, values {tuple(value_KTD.shape)}: "
+                         f"keys and values must match, share the queries' positions and head size (16 to 128 in steps "
+                         f"of 16, on an AVX-512F CPU), with heads a multiple of the kv heads")
+    if (bounds_R.dtype != torch.int64 or bounds_R.dim() != 1 or len(bounds_R) < 2 or int(bounds_R[0]) != 0
+            or int(bounds_R[-1]) != total or bool((bounds_R[1:] < bounds_R[:-1]).any()) or not bounds_R.is_contiguous()):
+        raise ValueError(f"bounds must be int64 row starts from 0 to {total}, ascending, got {bounds_R.tolist()}")
+    return [value for t in tensors for value in (t.data_ptr(), t.stride(0), t.stride(1))]
+
+
+def training_attention_forward(query_HTD: torch.Tensor, key_KTD: torch.Tensor, value_KTD: torch.Tensor,
+                               bounds_R: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal float32 attention within each packed row (`training_attention.c`): (out (T, H, D), log-sum-exp (H, T)).
+
+    query_HTD: (H, T, D); key_KTD / value_KTD: (Hkv, T, D), H a multiple of Hkv; any strides with the head size
+    contiguous. bounds_R: int64 (rows + 1,) starts of the rows laid end to end, 0 first and T last.
+    """
+    strided = _training_attention_inputs(query_HTD, key_KTD, value_KTD, bounds_R)
+    heads, total, dim = query_HTD.shape
+    out_THD = query_HTD.new_empty((total, heads, dim))
+    lse_HT = query_HTD.new_empty((heads, total))
+    with torch.profiler.record_function("gopd::training_attention_forward"):
+        status = _library().training_attention_forward(
+            *strided, bounds_R.data_ptr(), len(bounds_R) - 1, heads, key_KTD.shape[0], dim, scale, out_THD.data_ptr(),
+            lse_HT.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError(f"training attention could not allocate its scratch for rows of up to "
+                          f"{int((bounds_R[1:] - bounds_R[:-1]).max())} positions")
+    return out_THD, lse_HT
+
+
+def training_attention_backward(query_HTD: torch.Tensor, key_KTD: torch.Tensor, value_KTD: torch.Tensor,
+                                out_THD: torch.Tensor, grad_THD: torch.Tensor, lse_HT: torch.Tensor,
+                                bounds_R: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq (H, T, D), dk, dv (Hkv, T, D)) of `training_attention_forward`'s output for its output's
+    gradient grad_THD, given that forward's inputs, output and log-sum-exp."""
+    strided = _training_attention_inputs(query_HTD, key_KTD, value_KTD, bounds_R)
+    heads, total, dim = query_HTD.shape
+    for name, tensor, shape in (("out", out_THD, (total, heads, dim)), ("grad", grad_THD, (total, heads, dim)),
+                                ("lse", lse_HT, (heads, total))):
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}, got "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+    grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=torch.float32) for t in (query_HTD, key_KTD, value_KTD))
+    with torch.profiler.record_function("gopd::training_attention_backward"):
+        status = _library().training_attention_backward(
+            *strided, out_THD.data_ptr(), grad_THD.data_ptr(), lse_HT.data_ptr(), bounds_R.data_ptr(),
+            len(bounds_R) - 1, heads, key_KTD.shape[0], dim, scale, grad_q.data_ptr(), grad_k.data_ptr(),
+            grad_v.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError(f"training attention's backward could not allocate its scratch for rows of up to "
+                          f"{int((bounds_R[1:] - bounds_R[:-1]).max())} positions")
+    return grad_q, grad_k, grad_v
 
 
 def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
