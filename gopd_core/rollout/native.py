@@ -52,6 +52,7 @@ from gopd_core.hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("small_gemm.c", "causal_attention.c", "training_attention.c"))
+HEADERS = (Path(__file__).with_name("exp16.h"),)  # included by the sources: part of the build's hash
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
 CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the decode kernels read a KV cache in
 SWITCH = "GOPD_NATIVE_KERNELS"
@@ -93,7 +94,8 @@ def _build(target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     if unavailable_reason() is not None:
         return None
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE) or Path.home() / ".cache" / "gopd" / "native")
     target = root / f"small_gemm-{digest}.so"
     try:

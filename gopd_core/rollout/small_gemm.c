@@ -229,23 +229,20 @@ void decode_attention(const float *q, int64_t q_stride, int64_t B, int64_t H, in
             const float *qh = q + b * q_stride + (bh % H) * D;
             const unsigned char *m = mask ? mask + b * mask_stride : NULL;
             float *o = out + bh * D;
+#define ATTEND(KV16)                                                                       \
+    switch (chunks) { /* constant head sizes and cache kinds, so the loops unroll */        \
+    case 2: attend_head(2, KV16, qh, k, v, L, m, scale, p, o); break;                        \
+    case 4: attend_head(4, KV16, qh, k, v, L, m, scale, p, o); break;                        \
+    case 8: attend_head(8, KV16, qh, k, v, L, m, scale, p, o); break;                        \
+    case 16: attend_head(16, KV16, qh, k, v, L, m, scale, p, o); break;                      \
+    default: attend_head(chunks, KV16, qh, k, v, L, m, scale, p, o); break;                  \
+    }
             if (kv16) {
-                switch (chunks) {
-                case 2: attend_head(2, 1, qh, k, v, L, m, scale, p, o); break;
-                case 4: attend_head(4, 1, qh, k, v, L, m, scale, p, o); break;
-                case 8: attend_head(8, 1, qh, k, v, L, m, scale, p, o); break;
-                case 16: attend_head(16, 1, qh, k, v, L, m, scale, p, o); break;
-                default: attend_head(chunks, 1, qh, k, v, L, m, scale, p, o); break;
-                }
+                ATTEND(1)
             } else {
-                switch (chunks) {
-                case 2: attend_head(2, 0, qh, k, v, L, m, scale, p, o); break;
-                case 4: attend_head(4, 0, qh, k, v, L, m, scale, p, o); break;
-                case 8: attend_head(8, 0, qh, k, v, L, m, scale, p, o); break;
-                case 16: attend_head(16, 0, qh, k, v, L, m, scale, p, o); break;
-                default: attend_head(chunks, 0, qh, k, v, L, m, scale, p, o); break;
-                }
+                ATTEND(0)
             }
+#undef ATTEND
         }
         free(p);
     }

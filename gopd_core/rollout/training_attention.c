@@ -22,29 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp16.h"
+
 #define AVX512 __attribute__((target("avx512f")))
 #define INLINE static inline __attribute__((always_inline))
 #define LANES 16
 #define SCORE_BLOCKS 8 /* key blocks of 16 per pass of the score loop: 2 x 8 accumulators */
-
-/* e^x for 16 floats (Cephes' expf, as exp16 in causal_attention.c; ~1 ulp on [-87, 88], 0 below). */
-INLINE AVX512 __m512 exp16f(__m512 x) {
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps((__mmask16)~tiny, y, _mm512_castsi512_ps(exponent));
-}
 
 /* rows x D at x (row stride `stride`) into (D, n16) at t, zeros past `rows`. */
 static void transpose_rows(const float *x, int64_t stride, int64_t rows, int64_t D, int64_t n16, float *t) {
@@ -182,7 +165,7 @@ static AVX512 float causal_softmax_row(float *s, int64_t i, int64_t n16, const f
     __m512 total = _mm512_setzero_ps();
     for (int64_t l = 0; l < n16; l += LANES) {
         const __mmask16 live = l + LANES <= seen ? (__mmask16)0xFFFF : l < seen ? tail : (__mmask16)0;
-        const __m512 e = _mm512_maskz_mov_ps(live, exp16f(_mm512_sub_ps(_mm512_loadu_ps(s + l), base)));
+        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), base)));
         total = _mm512_add_ps(total, e);
         _mm512_storeu_ps(s + l, e);
     }
@@ -193,6 +176,14 @@ static AVX512 float causal_softmax_row(float *s, int64_t i, int64_t n16, const f
     return shift + logf(sum);
 }
 
+/* The longest of the R rows between bounds, rounded up to whole registers of keys. */
+static int64_t longest_row(const int64_t *bounds, int64_t R) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < R; ++r)
+        if (bounds[r + 1] - bounds[r] > longest) longest = bounds[r + 1] - bounds[r];
+    return (longest + LANES - 1) / LANES * LANES;
+}
+
 /* q: (H, T, D) at q + h * q_h + t * q_t (d contiguous); k, v: (Hkv, T, D) likewise with their own strides; query
  * head h reads kv head h / (H / Hkv). Rows: positions bounds[r] .. bounds[r + 1] - 1 for r < R, each attending
  * causally within itself. out: (T, H, D) contiguous; lse: (H, T). D a multiple of 16, at most 128.
@@ -201,11 +192,7 @@ AVX512 int training_attention_forward(const float *q, int64_t q_h, int64_t q_t, 
                                       int64_t k_t, const float *v, int64_t v_h, int64_t v_t, const int64_t *bounds,
                                       int64_t R, int64_t H, int64_t Hkv, int64_t D, float scale, float *out,
                                       float *lse, int threads) {
-    const int64_t T = bounds[R], group = H / Hkv;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < R; ++r)
-        if (bounds[r + 1] - bounds[r] > longest) longest = bounds[r + 1] - bounds[r];
-    const int64_t n16_max = (longest + LANES - 1) / LANES * LANES;
+    const int64_t T = bounds[R], group = H / Hkv, n16_max = longest_row(bounds, R);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -240,11 +227,7 @@ AVX512 int training_attention_backward(const float *q, int64_t q_h, int64_t q_t,
                                        const float *dout, const float *lse, const int64_t *bounds, int64_t R,
                                        int64_t H, int64_t Hkv, int64_t D, float scale, float *dq, float *dk,
                                        float *dv, int threads) {
-    const int64_t T = bounds[R], group = H / Hkv;
-    int64_t longest = 0;
-    for (int64_t r = 0; r < R; ++r)
-        if (bounds[r + 1] - bounds[r] > longest) longest = bounds[r + 1] - bounds[r];
-    const int64_t n16_max = (longest + LANES - 1) / LANES * LANES;
+    const int64_t T = bounds[R], group = H / Hkv, n16_max = longest_row(bounds, R);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
