@@ -46,7 +46,8 @@ def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig
 @task(**TASK_POLICY)
 def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str], config: RunConfig) -> Path:
     return pipeline.run_once(layout, iteration, "update", lambda: pipeline.update_stage(
-        layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.checkpoint_complete)
+        layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.checkpoint_complete,
+        redo=pipeline.forget_stages_built_on(layout, iteration))
 
 
 @task(**TASK_POLICY)

@@ -322,15 +322,18 @@ def read_run_config(layout: RunLayout) -> RunConfig:
     return parse_config(json.loads(layout.config_path.read_text()), source=str(layout.config_path))
 
 
-def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, decode=str, complete=None):
+def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, decode=str, complete=None,
+             redo=None):
     """Resume point: return what a completed `stage` recorded, else run `work()` and record its result.
 
     The marker is written only after `work` finished writing, so a killed stage simply runs again
     (its writers replace or skip complete shards, never duplicate rows). `complete(result)`, if
     given, vouches for outputs that finish after `work` returns (the update's deferred optimizer
-    state): a recorded result it rejects is run again.
+    state): a recorded result it rejects is run again. Then `redo(recorded result)`, if given, runs
+    first and returns what is called with the new result before it is recorded (the update:
+    `forget_stages_built_on`).
     """
-    done = layout.done_info(iteration, stage)
+    done, after = layout.done_info(iteration, stage), None
     if done is not None:
         result = decode(done["result"])
         if complete is None or complete(result):
@@ -338,7 +341,39 @@ def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, de
             return result
         log.warning("%s of iteration %d was recorded but its output is incomplete (%s): running it again",
                     stage, iteration, done["result"])
+        after = redo(result) if redo is not None else None
     started = time.perf_counter()
     result = work()
+    if after is not None:
+        after(result)
     layout.mark_done(iteration, stage, {"result": encode(result), "wall_s": time.perf_counter() - started})
     return result
+
+
+def forget_stages_built_on(layout: RunLayout, iteration: int):
+    """`run_once`'s `redo` for update `iteration`, whose checkpoint's deferred part never landed.
+
+    Later stages may already be recorded on that checkpoint's weights: the next rollout and scoring run
+    while the AdamW state is written. The update runs again and rewrites the checkpoint; where the weights
+    come out otherwise (a GPU's kernels need not repeat bit for bit; CPU runs do) or the old ones are gone,
+    every later stage's record is dropped, so that they run again on the new weights instead of keeping
+    rollouts sampled, and evaluations taken, by weights no checkpoint holds any more.
+    """
+
+    def before(checkpoint: Path):
+        try:
+            old = model_hash(checkpoint)
+        except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
+            old = None
+
+        def after(new_checkpoint: Path) -> None:
+            if old is not None and model_hash(new_checkpoint) == old:
+                return
+            dropped = layout.forget_stages_after(iteration)
+            if dropped:
+                log.warning("update of iteration %d gave other weights than the checkpoint later stages used: "
+                            "running them again (%s)", iteration, ", ".join(f"{s} of {i}" for i, s in dropped))
+
+        return after
+
+    return before

@@ -94,6 +94,17 @@ class RunLayout:
         path = self.marker_path(iteration, stage)
         return json.loads(path.read_text()) if path.exists() else None
 
+    def forget_stages_after(self, iteration: int) -> list[tuple[int, str]]:
+        """Drop the completion markers of every stage recorded under a later iteration, so that they run again
+        (their writers replace what they wrote); returns the (iteration, stage) pairs dropped."""
+        dropped = []
+        for marker in sorted((self.run_dir / "_stages").glob("iteration=*/*.json")):
+            marked = int(marker.parent.name.removeprefix("iteration="))
+            if marked > iteration:
+                marker.unlink(missing_ok=True)
+                dropped.append((marked, marker.stem))
+        return dropped
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold an exclusive lock on the run: a second flow on the same run id is refused."""

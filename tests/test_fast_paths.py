@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import build_random_model, build_world, tiny_distill_config
 from transformers import (
     GPT2Config,
@@ -39,6 +39,7 @@ from gopd_core.models import (
 )
 from gopd_core.pipeline import (
     Scorer,
+    checkpoint_id,
     plan_scorers,
     prepare_run,
     rollout_stage,
@@ -58,7 +59,7 @@ from gopd_core.training import (
     update_policy,
 )
 from storage.layout import RunLayout
-from storage.readers import read_score_map, rollout_shards
+from storage.readers import read_rollouts, read_score_map, rollout_shards
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +519,37 @@ def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world,
         redone, straight = (torch.load(r.checkpoint_dir(i) / "optimizer.pt", weights_only=True)["state"]
                             for r in (cut, whole))
         assert all(torch.equal(redone[slot][k], straight[slot][k]) for slot in straight for k in straight[slot])
+
+
+@pytest.mark.parametrize("weights_changed", [True, False])
+def test_a_redone_update_runs_the_later_stages_again_only_if_its_weights_changed(world, weights_changed):
+    # update 0's deferred part never landed, but the next rollout, scoring and update were recorded: on resume
+    # update 0 runs again; where the weights it gives differ from those the later stages used (a GPU's kernels
+    # need not repeat bit for bit), those stages must run again on the new weights
+    base, models, data = world.base, world.models, world.data
+    settings = {"update.minibatches": 1, "data.test": []}
+    straight = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "redo-straight", **settings))))
+    run_id = f"redo-{weights_changed}"
+    layout = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, run_id, **settings))))
+    first = layout.checkpoint_dir(0)
+    (first / "trainer_state.json").unlink()
+    (first / "optimizer.pt").unlink()
+    if weights_changed:  # the weights the later stages ran on are not the ones update 0 gives again
+        weights = load_file(str(first / "model.safetensors"))
+        name = sorted(weights)[0]
+        weights[name] = weights[name] + 1e-3
+        save_file(weights, str(first / "model.safetensors"), metadata={"format": "pt"})
+    later = [(1, stage) for stage in ("rollout", "score", "update")]
+    stamps = {key: layout.marker_path(*key).stat().st_mtime_ns for key in later}
+    distill(config=tiny_distill_config(base, models, data, run_id, **settings))  # resumes
+    rerun = {key for key in later if layout.marker_path(*key).stat().st_mtime_ns != stamps[key]}
+    assert rerun == (set(later) if weights_changed else set())
+    assert set(read_rollouts(layout, 1, ["checkpoint_id"]).column("checkpoint_id").to_pylist()) == {
+        checkpoint_id(first)}
+    for i in (0, 1):
+        assert checkpoint_complete(layout.checkpoint_dir(i))
+        redone, straight_weights = (load_file(str(r.checkpoint_dir(i) / "model.safetensors")) for r in (layout, straight))
+        assert all(torch.equal(redone[k], straight_weights[k]) for k in straight_weights)
 
 
 def test_deferred_writes_run_in_the_background_and_hand_back_their_errors(tmp_path):
