@@ -15,8 +15,9 @@ registered transformers attention implementation that a `with cpu_attention(mode
    lengths: forward + backward of 8 rows x 110 positions x 16 heads took 23 ms in bf16 and 10.4 ms in float32
    (equal at 512 positions, bf16 ahead at 1024). Up to FLOAT32_TRAINING_LENGTH positions the attention runs in
    float32 (outside autocast), which is also the more precise choice.
-3. Anything else (a padding mask at inference, decoding with a cache, float32 models, soft-capping, sinks,
-   a narrower sliding window, head sizes the kernel lacks) goes to transformers' SDPA function unchanged.
+3. Anything else (a padding mask, decoding with a cache, float32 inference, right-padded training batches,
+   soft-capping, sinks, a narrower sliding window, head sizes the kernels lack, CPUs without AVX-512) goes to
+   transformers' SDPA function unchanged (packed rows: row by row).
 The implementation's mask function is SDPA's, so models build exactly the masks they would for SDPA.
 
 Packed rows (the scorer and the update): inside `packed_rows(lengths)`, a forward pass over one sequence of
