@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig
 def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str], config: RunConfig) -> Path:
     return pipeline.run_once(layout, iteration, "update", lambda: pipeline.update_stage(
         layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.checkpoint_complete,
-        redo=pipeline.forget_stages_built_on(layout, iteration))
+        redo=functools.partial(pipeline.forget_stages_built_on, layout, iteration))
 
 
 @task(**TASK_POLICY)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,30 +350,27 @@ def run_once(layout: RunLayout, iteration: int, stage: str, work, encode=str, de
     return result
 
 
-def forget_stages_built_on(layout: RunLayout, iteration: int):
-    """`run_once`'s `redo` for update `iteration`, whose checkpoint's deferred part never landed.
+def forget_stages_built_on(layout: RunLayout, iteration: int, checkpoint: Path) -> Callable[[Path], None]:
+    """`run_once`'s `redo` for update `iteration`, whose `checkpoint`'s deferred part never landed.
 
     Later stages may already be recorded on that checkpoint's weights: the next rollout and scoring run
     while the AdamW state is written. The update runs again and rewrites the checkpoint; where the weights
     come out otherwise (a GPU's kernels need not repeat bit for bit; CPU runs do) or the old ones are gone,
-    every later stage's record is dropped, so that they run again on the new weights instead of keeping
-    rollouts sampled, and evaluations taken, by weights no checkpoint holds any more.
+    every later stage's record is dropped (by the returned function, given the new checkpoint), so that they
+    run again on the new weights instead of keeping rollouts sampled, and evaluations taken, by weights no
+    checkpoint holds any more.
     """
+    try:
+        old = model_hash(checkpoint)
+    except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
+        old = None
 
-    def before(checkpoint: Path):
-        try:
-            old = model_hash(checkpoint)
-        except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
-            old = None
+    def after(new_checkpoint: Path) -> None:
+        if old is not None and model_hash(new_checkpoint) == old:
+            return
+        dropped = layout.forget_stages_after(iteration)
+        if dropped:
+            log.warning("update of iteration %d gave other weights than the checkpoint later stages used: "
+                        "running them again (%s)", iteration, ", ".join(f"{s} of {i}" for i, s in dropped))
 
-        def after(new_checkpoint: Path) -> None:
-            if old is not None and model_hash(new_checkpoint) == old:
-                return
-            dropped = layout.forget_stages_after(iteration)
-            if dropped:
-                log.warning("update of iteration %d gave other weights than the checkpoint later stages used: "
-                            "running them again (%s)", iteration, ", ".join(f"{s} of {i}" for i, s in dropped))
-
-        return after
-
-    return before
+    return after

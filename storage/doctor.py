@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.layout import RunLayout
+from storage.layout import RunLayout, iteration_of
 from storage.parquet import CorruptShardError, list_shards, open_shard
 from storage.schemas import TABLES
 
@@ -88,13 +88,6 @@ def diagnose(run_dir: str | Path) -> list[Problem]:
     return problems
 
 
-def _iteration_of(path: Path) -> int | None:
-    for part in path.parts:
-        if part.startswith("iteration="):
-            return int(part.split("=")[1])
-    return None
-
-
 def quarantine(run_dir: str | Path, problems: list[Problem]) -> list[Path]:
     """Move broken shards/checkpoints aside and drop the markers that vouched for them."""
     layout = RunLayout(Path(run_dir))
@@ -109,7 +102,7 @@ def quarantine(run_dir: str | Path, problems: list[Problem]) -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         problem.path.replace(target)
         moved.append(target)
-        iteration = _iteration_of(relative)
+        iteration = iteration_of(relative)
         stage = "update" if problem.kind == "bad-checkpoint" else STAGE_OF_TABLE.get(relative.parts[0])
         if stage == "score":
             (problem.path.parent / "_SUCCESS.json").unlink(missing_ok=True)

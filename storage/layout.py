@@ -35,6 +35,14 @@ def _iteration_dir(iteration: int) -> str:
     return f"iteration={iteration:06d}"
 
 
+def iteration_of(path: Path) -> int | None:
+    """The iteration a stored path belongs to (its `iteration=<i>` part), None if it has none."""
+    for part in Path(path).parts:
+        if part.startswith("iteration="):
+            return int(part.removeprefix("iteration="))
+    return None
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """The paths of one run directory."""
@@ -99,7 +107,7 @@ class RunLayout:
         (their writers replace what they wrote); returns the (iteration, stage) pairs dropped."""
         dropped = []
         for marker in sorted((self.run_dir / "_stages").glob("iteration=*/*.json")):
-            marked = int(marker.parent.name.removeprefix("iteration="))
+            marked = iteration_of(marker.parent)
             if marked > iteration:
                 marker.unlink(missing_ok=True)
                 dropped.append((marked, marker.stem))
