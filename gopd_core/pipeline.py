@@ -359,14 +359,21 @@ def forget_stages_built_on(layout: RunLayout, iteration: int, checkpoint: Path) 
     every later stage's record is dropped (by the returned function, given the new checkpoint), so that they
     run again on the new weights instead of keeping rollouts sampled, and evaluations taken, by weights no
     checkpoint holds any more.
+
+    The hash of the weights the later stages used is kept in the update's marker before the checkpoint is
+    rewritten: a resume interrupted after the rewrite compares with it, not with the rewritten weights.
     """
-    try:
-        old = model_hash(checkpoint)
-    except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
-        old = None
+    recorded = layout.done_info(iteration, "update")
+    old = recorded.get("built_on")  # "" when those weights were already gone
+    if old is None:
+        try:
+            old = model_hash(checkpoint)
+        except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
+            old = ""
+        layout.mark_done(iteration, "update", {**recorded, "built_on": old})
 
     def after(new_checkpoint: Path) -> None:
-        if old is not None and model_hash(new_checkpoint) == old:
+        if old and model_hash(new_checkpoint) == old:
             return
         dropped = layout.forget_stages_after(iteration)
         if dropped:

@@ -98,10 +98,7 @@ def quarantine(run_dir: str | Path, problems: list[Problem]) -> list[Path]:
                 missing_ok=True)
             continue
         relative = problem.path.relative_to(layout.run_dir)
-        target = layout.quarantine_dir() / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        problem.path.replace(target)
-        moved.append(target)
+        moved.append(layout.quarantine(problem.path))
         iteration = iteration_of(relative)
         stage = "update" if problem.kind == "bad-checkpoint" else STAGE_OF_TABLE.get(relative.parts[0])
         if stage == "score":

@@ -9,7 +9,7 @@
         evals/checkpoint=<id>/part-00000.parquet
         checkpoints/iteration=<i>/            HF directory (+ optimizer.pt)
         _stages/iteration=<i>/<stage>.json    completion markers (what a stage wrote)
-        _quarantine/                          shards moved aside by `gopd doctor`
+        _quarantine/                          shards moved aside by `gopd doctor`, and stale evaluations
 """
 
 from __future__ import annotations
@@ -103,15 +103,33 @@ class RunLayout:
         return json.loads(path.read_text()) if path.exists() else None
 
     def forget_stages_after(self, iteration: int) -> list[tuple[int, str]]:
-        """Drop the completion markers of every stage recorded under a later iteration, so that they run again
-        (their writers replace what they wrote); returns the (iteration, stage) pairs dropped."""
+        """Drop the completion markers of every stage recorded under a later iteration, so that they run again;
+        returns the (iteration, stage) pairs dropped.
+
+        Rollouts, scores and updates are rewritten in place when their stages run again. An evaluation is
+        stored under its checkpoint's id, which changes with the weights: its shard is moved to the
+        quarantine first (before its marker goes, so an interrupted call leaves nothing behind that a rerun
+        would miss), or the evals table would keep results of weights no checkpoint holds any more.
+        """
         dropped = []
         for marker in sorted((self.run_dir / "_stages").glob("iteration=*/*.json")):
             marked = iteration_of(marker.parent)
             if marked > iteration:
+                if marker.stem == "evaluate":  # its result: the evals shard, evals/checkpoint=<id>/part-00000.parquet
+                    evaluated = Path(json.loads(marker.read_text())["result"]).parent.name
+                    self.quarantine(self.evals_path(evaluated.removeprefix("checkpoint=")))
                 marker.unlink(missing_ok=True)
                 dropped.append((marked, marker.stem))
         return dropped
+
+    def quarantine(self, path: Path) -> Path:
+        """Move `path` (inside the run) under `quarantine_dir()` at the same relative path; returns where it went.
+        A path already gone is left so (a rerun of an interrupted move)."""
+        target = self.quarantine_dir() / Path(path).relative_to(self.run_dir)
+        if Path(path).exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Path(path).replace(target)
+        return target
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -4,14 +4,13 @@ KV cache, and the update scoring the student in its own forward pass."""
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny import build_random_model, build_world, tiny_distill_config
 from transformers import (
     GPT2Config,
@@ -39,7 +38,6 @@ from gopd_core.models import (
 )
 from gopd_core.pipeline import (
     Scorer,
-    checkpoint_id,
     plan_scorers,
     prepare_run,
     rollout_stage,
@@ -55,11 +53,10 @@ from gopd_core.training import (
     OptimizerSettings,
     ScoreSets,
     autocast_dtype,
-    checkpoint_complete,
     update_policy,
 )
 from storage.layout import RunLayout
-from storage.readers import read_rollouts, read_score_map, rollout_shards
+from storage.readers import read_score_map, rollout_shards
 
 
 @pytest.fixture(scope="module")
@@ -494,62 +491,6 @@ def test_each_run_scope_has_its_own_resident_models(tmp_path):
         thread.start(), thread.join()
     assert seen["other"] is not mine  # never the same object: one run may train what another samples
     assert resident_models().capacity == 0  # outside a run nothing is kept
-
-
-@pytest.mark.parametrize("lost", ["optimizer state", "whole checkpoint"])
-def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world, lost):
-    base, models, data = world.base, world.models, world.data
-    settings = {"update.minibatches": 1, "data.test": []}
-    whole = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "deferred-whole", **settings))))
-    run_id = f"deferred-cut-{lost.split()[0]}"
-    cut = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, run_id, iterations=1, **settings))))
-    first = cut.checkpoint_dir(0)
-    assert checkpoint_complete(first)
-    if lost == "optimizer state":  # a kill after the weights were renamed in, before the rest
-        (first / "trainer_state.json").unlink()
-        (first / "optimizer.pt").unlink()
-    else:  # the checkpoint directory deleted after its update was recorded
-        shutil.rmtree(first)
-    assert cut.done_info(0, "update") is not None and not checkpoint_complete(first)
-    distill(config=tiny_distill_config(base, models, data, run_id, **settings))  # resumes
-    for i in (0, 1):
-        assert checkpoint_complete(cut.checkpoint_dir(i))
-        redone, straight = (load_file(str(r.checkpoint_dir(i) / "model.safetensors")) for r in (cut, whole))
-        assert all(torch.equal(redone[k], straight[k]) for k in straight)
-        redone, straight = (torch.load(r.checkpoint_dir(i) / "optimizer.pt", weights_only=True)["state"]
-                            for r in (cut, whole))
-        assert all(torch.equal(redone[slot][k], straight[slot][k]) for slot in straight for k in straight[slot])
-
-
-@pytest.mark.parametrize("weights_changed", [True, False])
-def test_a_redone_update_runs_the_later_stages_again_only_if_its_weights_changed(world, weights_changed):
-    # update 0's deferred part never landed, but the next rollout, scoring and update were recorded: on resume
-    # update 0 runs again; where the weights it gives differ from those the later stages used (a GPU's kernels
-    # need not repeat bit for bit), those stages must run again on the new weights
-    base, models, data = world.base, world.models, world.data
-    settings = {"update.minibatches": 1, "data.test": []}
-    straight = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "redo-straight", **settings))))
-    run_id = f"redo-{weights_changed}"
-    layout = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, run_id, **settings))))
-    first = layout.checkpoint_dir(0)
-    (first / "trainer_state.json").unlink()
-    (first / "optimizer.pt").unlink()
-    if weights_changed:  # the weights the later stages ran on are not the ones update 0 gives again
-        weights = load_file(str(first / "model.safetensors"))
-        name = sorted(weights)[0]
-        weights[name] = weights[name] + 1e-3
-        save_file(weights, str(first / "model.safetensors"), metadata={"format": "pt"})
-    later = [(1, stage) for stage in ("rollout", "score", "update")]
-    stamps = {key: layout.marker_path(*key).stat().st_mtime_ns for key in later}
-    distill(config=tiny_distill_config(base, models, data, run_id, **settings))  # resumes
-    rerun = {key for key in later if layout.marker_path(*key).stat().st_mtime_ns != stamps[key]}
-    assert rerun == (set(later) if weights_changed else set())
-    assert set(read_rollouts(layout, 1, ["checkpoint_id"]).column("checkpoint_id").to_pylist()) == {
-        checkpoint_id(first)}
-    for i in (0, 1):
-        assert checkpoint_complete(layout.checkpoint_dir(i))
-        redone, straight_weights = (load_file(str(r.checkpoint_dir(i) / "model.safetensors")) for r in (layout, straight))
-        assert all(torch.equal(redone[k], straight_weights[k]) for k in straight_weights)
 
 
 def test_deferred_writes_run_in_the_background_and_hand_back_their_errors(tmp_path):
