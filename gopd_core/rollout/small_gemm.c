@@ -342,6 +342,7 @@ int decode_layer(const DecodeLayer *layer, float *hidden, int64_t B, const float
                  const unsigned char *mask, int64_t mask_stride, int kv16, int threads) {
     const int64_t H = layer->hidden, Hq = layer->heads, Hkv = layer->kv_heads, D = layer->head_dim;
     const int64_t I = layer->intermediate, width = (Hq + 2 * Hkv) * D;
+    if (B <= 0) return 0;  /* no rows: nothing to compute or write */
     int64_t widest = H > I ? H : I;  /* the longest input row of a linear: H, Hq * D or I */
     if (Hq * D > widest) widest = Hq * D;
     float *normed = malloc((size_t)(B * widest) * sizeof(float));
