@@ -23,6 +23,9 @@
    With `--rounds N` (default 2) each side runs N such processes, the sides taking turns (gopd, TRL,
    TRL on gopd's malloc, then again), so that a slow spell of this shared machine falls on every
    side; the median is over all rounds' measured steps, each round's median is kept beside it.
+   After its measured steps each gopd process runs one more with its scoring and update under
+   torch.profiler (`profiles`, one per round: each stage's matmul seconds against the rest); that
+   step is not measured, and the peak RSS is taken before it.
    speedup = TRL median / gopd median; the target is >= 2x.
 5. Allocator: gopd's side runs on the malloc the `gopd` command picks (`gopd_core.allocator`:
    jemalloc where `libjemalloc.so.2` is installed, else the system's; GOPD_ALLOCATOR overrides).
@@ -220,6 +223,9 @@ def merge_rounds(results: list[dict]) -> dict:
     merged["process_wall_s"] = [result["process_wall_s"] for result in results]
     merged["mean_response_tokens"] = statistics.mean(result["mean_response_tokens"] for result in results)
     merged["loadavg_after"] = results[-1]["loadavg_after"]
+    if "profile" in merged:  # gopd's profiled step (field_gkd_gopd.py), one per round
+        merged["profiles"] = [result.pop("profile") for result in results]
+        merged.pop("profile")
     return merged
 
 
@@ -256,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": args.threads, "seed": 0, "output_dir": str(Path(scratch) / "trl"), "scratch": scratch,
                     # both sides at the same precision: bf16 matmuls where the CPU runs them natively
                     # (gopd's default, `hardware.compute_dtype`; TRL's `bf16` autocast), else float32
-                    "bf16": computes_in_bf16("cpu")}
+                    "bf16": computes_in_bf16("cpu"),
+                    # gopd runs one more step with its scoring and update under torch.profiler (not measured)
+                    "profile_step": True}
         settings_path = Path(scratch) / "settings.json"
         settings_path.write_text(json.dumps(settings))
         # gopd on the malloc its command picks; TRL as it ships (below), and again on gopd's

@@ -18,6 +18,12 @@ Step 0 is the warm-up and is reported apart. Wall and process CPU seconds are ke
 stage's wall seconds for the breakdown; `update_steps_s` is the part of the update's wall in its
 optimizer steps (forward, backward, AdamW: the `updates` table's `wall_s`), the rest being its reads,
 the student's scores and the checkpoint.
+
+With `profile_step` (field_gkd.py sets it) one more step runs after the measured ones, its scoring and
+update each under torch.profiler: `profile` gives per stage its wall seconds, the seconds its matmuls
+took (`MATMUL_OPS`, self time on the stage's thread: the ops run their own threads inside) and the
+seconds of every other profiled op, the largest of them by name. That step is not among the measured
+ones: the profiler slows small ops down, not matmuls.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, where gopd is not installed
 from gopd_core.allocator import loaded_allocator  # noqa: E402
@@ -47,6 +55,8 @@ from gopd_core.rollout import SamplingParams  # noqa: E402
 from storage.readers import read_rollouts, read_updates  # noqa: E402
 
 REFERENCE_ROLES = ("reference", "teacher-base")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+PROFILED_STAGES = ("score", "update")
 
 
 def peak_rss_mb() -> float:
@@ -56,7 +66,7 @@ def peak_rss_mb() -> float:
 def run_config(settings: dict, storage_root: Path):
     batch, max_new_tokens = settings["batch"], settings["max_new_tokens"]
     return parse_config({
-        "run_id": "field-gkd", "storage_root": str(storage_root), "iterations": settings["steps"] + 1,
+        "run_id": "field-gkd", "storage_root": str(storage_root), "iterations": settings["steps"] + 2,
         "seed": settings["seed"], "models": {"student": settings["student"], "teachers": {"math": settings["teacher"]}},
         "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "n": 1,
                      "verify_rewards": False},  # monitoring only; TRL's step verifies nothing either
@@ -66,24 +76,45 @@ def run_config(settings: dict, storage_root: Path):
     })
 
 
-def one_step(layout, config, iteration: int, checkpoint: Path) -> tuple[Path, dict[str, float]]:
-    """Rollout, score (student + teacher), update; returns the new checkpoint and seconds per stage."""
-    seconds, sampling = {}, config.sampling
-    started = time.perf_counter()
-    rollout_stage(layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
-                  sampling=SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                          max_new_tokens=sampling.max_new_tokens, n=sampling.n),
-                  seed=config.seed, verify_rewards=config.sampling.verify_rewards)
-    seconds["rollout"] = time.perf_counter() - started
-    started = time.perf_counter()
-    scorers = [s for s in plan_scorers(config, checkpoint, ["math"]) if s.role not in REFERENCE_ROLES]
-    written = score_stage(layout, iteration, scorers, student_tokenizer=config.models.student,
-                          token_budget=config.score_token_budget, chunk_rows=config.score_chunk_rows)
-    seconds["score"] = time.perf_counter() - started
-    started = time.perf_counter()
-    checkpoint = update_stage(layout, iteration, checkpoint, written, config)
-    seconds["update"] = time.perf_counter() - started
-    return checkpoint, seconds
+def one_step(layout, config, iteration: int, checkpoint: Path,
+             profiles: dict | None = None) -> tuple[Path, dict[str, float]]:
+    """Rollout, score (student + teacher), update; returns the new checkpoint and seconds per stage.
+
+    profiles: given, the `PROFILED_STAGES` run under torch.profiler and their `stage_profile`s go in it."""
+    sampling = config.sampling
+
+    def score() -> dict[str, str]:
+        scorers = [s for s in plan_scorers(config, checkpoint, ["math"]) if s.role not in REFERENCE_ROLES]
+        return score_stage(layout, iteration, scorers, student_tokenizer=config.models.student,
+                           token_budget=config.score_token_budget, chunk_rows=config.score_chunk_rows)
+
+    stages = {
+        "rollout": lambda: rollout_stage(
+            layout, iteration, checkpoint, prompts_per_iteration=config.data.prompts_per_iteration,
+            sampling=SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                    max_new_tokens=sampling.max_new_tokens, n=sampling.n),
+            seed=config.seed, verify_rewards=config.sampling.verify_rewards),
+        "score": score,
+        "update": lambda: update_stage(layout, iteration, checkpoint, outputs["score"], config),
+    }
+    seconds, outputs = {}, {}
+    for name, stage in stages.items():
+        profiled = profiles is not None and name in PROFILED_STAGES
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) if profiled else nullcontext() as profile:
+            started = time.perf_counter()
+            outputs[name] = stage()
+            seconds[name] = time.perf_counter() - started
+        if profiled:
+            profiles[name] = stage_profile(seconds[name], {e.key: e.self_cpu_time_total / 1e6
+                                                           for e in profile.key_averages()})
+    return outputs["update"], seconds
+
+
+def stage_profile(wall_s: float, op_seconds: dict[str, float], top: int = 8) -> dict:
+    """One profiled stage: its wall, its matmuls' seconds, every other op's, and the `top` largest of those."""
+    others = sorted(((name, s) for name, s in op_seconds.items() if name not in MATMUL_OPS), key=lambda o: -o[1])
+    return {"wall_s": wall_s, "matmul_s": sum(s for name, s in op_seconds.items() if name in MATMUL_OPS),
+            "other_ops_s": sum(s for _, s in others), "top_other_ops": [[name, s] for name, s in others[:top]]}
 
 
 def _step_tokens(rollouts: dict[str, list]) -> dict:
@@ -100,13 +131,17 @@ def main(settings: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="field-gkd-", dir=settings.get("scratch")) as scratch:
         config = run_config(settings, Path(scratch))
         layout = prepare_run(config)
-        checkpoint, steps = Path(config.models.student), []
+        checkpoint, steps, profile = Path(config.models.student), [], None
         with keep_models_loaded(config.resident_models):  # as the distill flow does
             for iteration in range(settings["steps"] + 1):
                 started, cpu_started = time.perf_counter(), time.process_time()
                 checkpoint, stages = one_step(layout, config, iteration, checkpoint)
                 steps.append({"step_s": time.perf_counter() - started, "step_cpu_s": time.process_time() - cpu_started,
                               **{f"{k}_s": v for k, v in stages.items()}})
+            peak_rss = peak_rss_mb()  # of the measured steps: the profiled one keeps the profiler's events too
+            if settings.get("profile_step"):
+                profile = {}
+                one_step(layout, config, len(steps), checkpoint, profile)
         tokens = [_step_tokens(read_rollouts(layout, it, ["prompt_token_ids", "response_token_ids"]).to_pydict())
                   for it in range(len(steps))]
         updates = read_updates(layout).to_pydict()
@@ -121,7 +156,7 @@ def main(settings: dict) -> dict:
         "stages_s": measured, "warmup_stages_s": warmup,
         "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "responses": len(lengths),
         "tokens_per_step": tokens[1:],
-        "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_after_imports,
+        "profile": profile, "peak_rss_mb": peak_rss, "rss_after_imports_mb": rss_after_imports,
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
 

@@ -544,7 +544,24 @@ OPTIMISATIONS = [
     "(8 rows, 16 heads x 32, forward + backward): 88-110 positions 3.7 ms vs 13.3 ms for SDPA row by row in "
     "float32 and 19.4 ms in bf16; 400-512 positions 33 vs 65 ms. Outputs and gradients match float64 SDPA "
     "within 2e-5 and 1e-4 (tests), and a packed Llama's gradients match the SDPA path's.",
+    "34. Measured and not kept, at the 64-token vocabulary-259 field step: (a) writing the checkpoint's weights on "
+    "the background thread too, the next rollout sampling from the model in memory (a prototype kept each "
+    "weights file's name, size and mtime, so the resident model and the hash promise still matched). Dropping the "
+    "write altogether would save 0.16-0.2 s a step, but deferred it saved nothing: three interleaved A/B pairs of "
+    "6 steps gave medians 1.41/1.60/1.56 s as now against 1.50/1.57/1.50 s deferred, the rollout 0.05-0.1 s "
+    "slower. On two cores the stages keep both busy, the SCHED_IDLE writer gets CPU only when they wait, and the "
+    "rollout's rows need the checkpoint id, so the sha256 (~60 ms of CPU for 103 MB) moves into the rollout "
+    "instead of away. (b) Reusing the direct writer's staging buffers across files instead of mapping two new "
+    "8 MiB ones per file: 168 MB with sha256, six interleaved pairs, median 0.159 vs 0.161 s. (c) The decode "
+    "loop's other costs, timed alone at 8 rows: the sampler 64 us a step at 259 tokens and 350 us at 32000 (4 "
+    "and 22 ms a rollout), the rotary cos/sin 42 us; prefill (8 x 35 tokens) 58 ms, `aten::mm` 35.6 ms of it at "
+    "402 GFLOP/s, the autocast weight casts 5.8 ms, SDPA 5.3 ms. None of these is worth a kernel of its own.",
 ]
+
+
+def _sizes(per_size: dict) -> str:
+    """{size: GFLOP/s} as written by the run or read back from its JSON (whose keys are strings)."""
+    return "{" + ", ".join(f"{int(size)}: {rate}" for size, rate in per_size.items()) + "}"
 
 
 def _precision_lines(machine: dict) -> list[str]:
@@ -578,11 +595,11 @@ def write_markdown(results: dict, path: Path) -> None:
         "## Targets", "",
         *_table(["target", "held", "measured"], [[t, "yes" if ok else "**no**", m] for t, ok, m in targets(results)]),
         "", "## 1. The limit: dense matmul", "",
-        f"- fp32: **{peaks['fp32']['gflops']} GFLOP/s** at the start (per size {peaks['fp32']['per_size']}); "
+        f"- fp32: **{peaks['fp32']['gflops']} GFLOP/s** at the start (per size {_sizes(peaks['fp32']['per_size'])}); "
         f"the best fp32 rate measured at any point of the run (including the short 1024^3 bursts taken right "
         f"before and after every timed run) is **{best_fp32_peak(results)} GFLOP/s**: MFU below uses that best "
         "one, and also the burst next to each run (\"adjacent\"), which shares that run's load.",
-        f"- bf16: **{peaks['bf16']['gflops']} GFLOP/s** (per size {peaks['bf16']['per_size']})",
+        f"- bf16: **{peaks['bf16']['gflops']} GFLOP/s** (per size {_sizes(peaks['bf16']['per_size'])})",
         f"- load {peaks['load_before']} -> {peaks['load_after']}", "",
         f"Load from other jobs during the run (1-minute averages recorded by the sections): "
         f"{_load_range(results)} on {machine['cores']} cores. The limit and every MFU here are under that load; "
@@ -681,6 +698,34 @@ def _field_gap(result: dict, stages: dict[str, float], peak: float) -> str:
             f"{_pct(gflop / passes_s / peak)} of the peak, checkpoint writing included). The AdamW state's write, "
             "deferred to overlap the next rollout, takes some of that rollout's time too (items 28, 31; the weights' "
             "sha256 now runs during their own write). ")
+
+
+def _field_profile(result: dict, rollout_s: float) -> str:
+    """gopd's profiled step (`field_gkd_gopd.py`): each profiled stage's matmul seconds against the rest, and the
+    step a gopd whose scoring and update ran nothing but their matmuls would take."""
+    profiles = result["gopd"].get("profiles")
+    if not profiles:
+        return ""
+    faster_trl = min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", math.inf))
+    parts, matmul_s = [], 0.0
+    for stage in ("score", "update"):
+        wall, matmul, ops = (sum(p[stage][key] for p in profiles) / len(profiles)
+                             for key in ("wall_s", "matmul_s", "other_ops_s"))
+        top: dict[str, float] = {}
+        for profile in profiles:
+            for name, seconds in profile[stage]["top_other_ops"]:
+                top[name] = top.get(name, 0.0) + seconds / len(profiles)
+        largest = ", ".join(f"`{name}` {seconds * 1e3:.0f} ms" for name, seconds in sorted(top.items(), key=lambda t: -t[1])[:5])
+        parts.append(f"{stage} {wall:.2f} s = matmuls {matmul:.2f} s + other ops {ops:.2f} s (largest: {largest}) + "
+                     f"outside any op {wall - matmul - ops:.2f} s")
+        matmul_s += matmul
+    bound = rollout_s + matmul_s
+    return (f"Profiled: after its measured steps each gopd process ran one more with its scoring and update under "
+            f"torch.profiler (means over {len(profiles)} rounds; the profiler slows the small ops, not the matmuls): "
+            + "; ".join(parts) + ". Outside any op are Python, the native calls the profiler does not see, and in the "
+            "update the checkpoint's weights, written at the disk's rate. A gopd whose scoring and update ran nothing "
+            f"but those matmuls would take {bound:.2f} s a step (the rollout's {rollout_s:.2f} s + {matmul_s:.2f} s), "
+            f"{faster_trl / bound:.2f}x TRL's faster step. ")
 
 
 def _same_allocator_cell(result: dict) -> str:
@@ -791,7 +836,8 @@ def _why(target: str, results: dict) -> str:
                  f"{stages['update']:.2f} s; TRL's: generate {generate:.2f} s, then its teacher forward, student "
                  f"forward and backward and loss {trl['median_step_s'] - generate:.2f} s. ") + _allocator_share(result)
         peak = best_bf16_peak(results) if results["machine"].get("native_bf16") else best_fp32_peak(results)
-        split += _field_floor(result, stages["rollout"], generate, peak) + _field_gap(result, stages, peak)
+        split += (_field_floor(result, stages["rollout"], generate, peak) + _field_gap(result, stages, peak)
+                  + _field_profile(result, stages["rollout"]))
         if result.get("vocab_size", 259) == 259:
             return split + (
                 "With the zoo's 259-token vocabulary TRL's full-vocabulary loss costs no more than gopd's "
@@ -799,13 +845,11 @@ def _why(target: str, results: dict) -> str:
                 "no KV-cache copies, fused prepacked decode steps in `rollout.lean_decode`); the teacher forward and the student forward and "
                 "backward are the same passes on the same tokens in both tools, and gopd runs them at the "
                 "machine's matmul rate (sections 2 and 4). A 2x step would need TRL to spend twice the machine's "
-                "time on those passes, which it does not here. Where gopd's step goes (profiled at this row's "
-                "shape, 2026-11-27): the decode linears read the weights at 22-26 GB/s, this machine's memory rate "
-                "(item 32); the scorer's `aten::mm` ran 85% of its profiled time at the matmul peak; the update's "
-                "`aten::mm` ran at the peak too (264-289 ms of a 417-458 ms profiled step), the rest being small ops: "
-                "attention forward and backward 35 ms (53 ms before item 33), casts 17-25 ms, fused AdamW 13-16 ms, "
-                "elementwise ~35 ms; "
-                "and the checkpoint's 103 MB of weights take ~80 ms on a disk that writes 1.9-2.0 GB/s.")
+                "time on those passes, which it does not here. The rest of gopd's step is spread thin (the profile "
+                "above): no single op or stage holds the gap. Its rollout's decode linears read their weights at "
+                "this machine's memory rate (item 32), and the checkpoint's 103 MB of weights take ~80 ms on a disk "
+                "that writes 1.9-2.0 GB/s; writing them on the background thread instead gained nothing here (item "
+                "34).")
         return split + (
             "At a real vocabulary TRL builds (B, L, V) logits of both models at every position, prompt "
             "included, and a full-vocabulary KL with its backward; gopd computes only the sampled token's "

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import build_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,42 @@ def test_gpu_stages_benchmark_smoke_runs_every_stage_on_the_cpu(tmp_path):
         assert iteration["sequences"] == 2 and iteration["evals_written"] and iteration["update_processed_tok_s"] > 0
     assert set(payload["rollout"]) == {"student-base", "teacher-math"}
     assert "| float32 | 0 |" in (tmp_path / "stages.md").read_text()
+
+
+def test_field_step_profile_splits_scoring_and_update_into_matmuls_and_the_rest(tmp_path):
+    # gopd's side of benchmarks/field_gkd.py on tiny models: its extra profiled step reports, per stage, the
+    # matmuls' seconds and every other op's, all within the stage's wall
+    world = build_world(tmp_path / "world")
+    settings = {"student": str(world.models["student"]), "teacher": str(world.models["teacher_math"]),
+                "prompts": str(world.data["train"][0]), "batch": 2, "max_new_tokens": 4, "steps": 1, "lr": 1e-4,
+                "threads": 2, "seed": 0, "scratch": str(tmp_path), "profile_step": True}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "field_gkd_gopd.py"), str(tmp_path / "settings.json")],
+                          check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert len(result["step_s"]) == 1  # the profiled step is not among the measured ones
+    assert set(result["profile"]) == {"score", "update"}
+    for stage in result["profile"].values():
+        assert stage["matmul_s"] > 0 and stage["other_ops_s"] > 0
+        assert stage["matmul_s"] + stage["other_ops_s"] <= stage["wall_s"]
+        seconds = [s for _, s in stage["top_other_ops"]]
+        assert seconds == sorted(seconds, reverse=True) and "aten::mm" not in dict(stage["top_other_ops"])
+
+
+def test_field_profile_text_bounds_a_step_with_nothing_but_matmuls():
+    # two rounds: score walls 0.5 / 0.3 s (mean 0.4), matmuls 0.3 / 0.1 (0.2), other ops 0.1 each -> 0.1 s outside
+    # any op; update 0.6 = 0.3 + 0.2 + 0.1. With a 0.3 s rollout a matmul-only step takes 0.3 + 0.2 + 0.3 = 0.8 s,
+    # and TRL's faster step (1.8 s on gopd's malloc) is 1.8 / 0.8 = 2.25x that
+    from benchmarks.perf_report import _field_profile
+
+    def stage(wall, matmul, other, top):
+        return {"wall_s": wall, "matmul_s": matmul, "other_ops_s": other, "top_other_ops": top}
+
+    profiles = [{"score": stage(0.5, 0.3, 0.1, [["aten::mul", 0.06]]), "update": stage(0.6, 0.3, 0.2, [["aten::copy_", 0.1]])},
+                {"score": stage(0.3, 0.1, 0.1, [["aten::mul", 0.02]]), "update": stage(0.6, 0.3, 0.2, [["aten::copy_", 0.1]])}]
+    result = {"gopd": {"profiles": profiles}, "trl": {"median_step_s": 2.0}, "trl_gopd_allocator": {"median_step_s": 1.8}}
+    text = _field_profile(result, rollout_s=0.3)
+    assert "score 0.40 s = matmuls 0.20 s + other ops 0.10 s (largest: `aten::mul` 40 ms) + outside any op 0.10 s" in text
+    assert "update 0.60 s = matmuls 0.30 s + other ops 0.20 s (largest: `aten::copy_` 100 ms)" in text
+    assert "would take 0.80 s a step" in text and "2.25x TRL's faster step" in text
+    assert _field_profile({"gopd": {}, "trl": {"median_step_s": 2.0}}, rollout_s=0.3) == ""
