@@ -98,7 +98,9 @@ def quarantine(run_dir: str | Path, problems: list[Problem]) -> list[Path]:
                 missing_ok=True)
             continue
         relative = problem.path.relative_to(layout.run_dir)
-        moved.append(layout.quarantine(problem.path))
+        target = layout.quarantine(problem.path)
+        if target is not None:
+            moved.append(target)
         iteration = iteration_of(relative)
         stage = "update" if problem.kind == "bad-checkpoint" else STAGE_OF_TABLE.get(relative.parts[0])
         if stage == "score":

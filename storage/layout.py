@@ -9,7 +9,7 @@
         evals/checkpoint=<id>/part-00000.parquet
         checkpoints/iteration=<i>/            HF directory (+ optimizer.pt)
         _stages/iteration=<i>/<stage>.json    completion markers (what a stage wrote)
-        _quarantine/                          shards moved aside by `gopd doctor`, and stale evaluations
+        _quarantine/                          shards moved aside by `gopd doctor`, stale scores and evaluations
 """
 
 from __future__ import annotations
@@ -106,11 +106,15 @@ class RunLayout:
         """Drop the completion markers of every stage recorded under a later iteration, so that they run again;
         returns the (iteration, stage) pairs dropped.
 
-        Rollouts, scores and updates are rewritten in place when their stages run again. An evaluation is
-        stored under its checkpoint's id, which changes with the weights: its shard is moved to the
-        quarantine first (before its marker goes, so an interrupted call leaves nothing behind that a rerun
-        would miss), or the evals table would keep results of weights no checkpoint holds any more.
+        Rollouts, updates and checkpoints are rewritten in place when their stages run again. Score sets and
+        evaluations are stored under the hash or id of the weights they were taken with, which change: the
+        later iterations' scores and the dropped evaluations move to the quarantine first (before the markers
+        go, so an interrupted call leaves nothing behind that a rerun would miss), or the scores and evals
+        tables would keep rows of rollouts and weights no longer there beside the new ones.
         """
+        for scores in sorted(self.table_dir("scores").glob("iteration=*")):
+            if iteration_of(scores) > iteration:
+                self.quarantine(scores)
         dropped = []
         for marker in sorted((self.run_dir / "_stages").glob("iteration=*/*.json")):
             marked = iteration_of(marker.parent)
@@ -122,14 +126,21 @@ class RunLayout:
                 dropped.append((marked, marker.stem))
         return dropped
 
-    def quarantine(self, path: Path) -> Path:
-        """Move `path` (inside the run) under `quarantine_dir()` at the same relative path; returns where it went.
-        A path already gone is left so (a rerun of an interrupted move)."""
-        target = self.quarantine_dir() / Path(path).relative_to(self.run_dir)
-        if Path(path).exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Path(path).replace(target)
-        return target
+    def quarantine(self, path: Path) -> Path | None:
+        """Move `path` (a file or directory inside the run) under `quarantine_dir()` at the same relative path,
+        with a `.<n>` suffix if that is taken; returns where it went, None if it was gone already (a rerun of an
+        interrupted move)."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        target = self.quarantine_dir() / path.relative_to(self.run_dir)
+        taken, n = target, 0
+        while taken.exists():
+            n += 1
+            taken = target.with_name(f"{target.name}.{n}")
+        taken.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(taken)
+        return taken
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

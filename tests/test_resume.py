@@ -18,10 +18,13 @@ from tiny import build_world, tiny_distill_config
 
 from flows.distill import distill
 from gopd_core.config import parse_config
+from gopd_core.models import model_hash
 from gopd_core.pipeline import checkpoint_id, eval_settings, evaluate_stage, forget_stages_built_on
+from gopd_core.scoring import store_scores
 from gopd_core.training import checkpoint_complete
+from storage.catalog import run_query
 from storage.layout import RunLayout
-from storage.readers import read_evals, read_rollouts
+from storage.readers import read_evals, read_rollouts, read_score_map, rollout_shards
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +100,11 @@ def test_a_redone_update_runs_the_later_stages_again_only_if_its_weights_changed
 
 
 @pytest.mark.parametrize("first_redo", ["none", "killed after rewriting the checkpoint"])
-def test_stages_built_on_replaced_weights_run_again_and_their_evaluations_leave_the_table(world, first_redo):
+def test_stages_built_on_replaced_weights_run_again_and_their_scores_and_evaluations_leave_the_tables(world, first_redo):
     # as above with an evaluation after every update: the weights the later stages (evaluation 1 included) ran
     # on are not those update 0 gives again. Evaluation 1 is stored under the replaced checkpoint's id: it must
-    # leave the evals table (moved to the quarantine), or the table would show two checkpoints for update 1.
+    # leave the evals table (moved to the quarantine), or the table would show two checkpoints for update 1;
+    # so must iteration 1's student scores, stored under the replaced weights' hash (two score sets per rollout).
     # "killed after rewriting": a first resume rewrote checkpoint 0 and was killed before it dropped the later
     # stages; the second resume must still compare with the weights those stages used, not the rewritten ones.
     base, models, data = world.base, world.models, world.data
@@ -111,8 +115,12 @@ def test_stages_built_on_replaced_weights_run_again_and_their_evaluations_leave_
     layout = RunLayout(Path(distill(config=config)))
     first = layout.checkpoint_dir(0)
     _lose_deferred_part(first)
-    _perturb_weights(first)  # the weights iteration 1's stages ran on: evaluation 1 stored under their id
-    stale = layout.evals_path(checkpoint_id(first))
+    ran_on = layout.scores_dir(1, "student", model_hash(first))  # the update stored the student's log-probs here
+    _perturb_weights(first)  # the weights iteration 1's stages ran on: its student scores and evaluation 1 are
+    stale = layout.evals_path(checkpoint_id(first))  # stored under their hash and id, as the stages store them
+    store_scores(layout, 1, rollout_shards(layout, 1), first, "student", read_score_map(layout, 1, "student",
+                 ran_on.name.removeprefix("model=")), chunk_rows=4)
+    shutil.rmtree(ran_on)
     layout.evals_path(checkpoint_id(straight.checkpoint_dir(0))).unlink()
     layout.mark_done(1, "evaluate", {"result": str(evaluate_stage(layout, first, 1, **eval_settings(parse_config(config))))})
     if first_redo != "none":
@@ -125,6 +133,9 @@ def test_stages_built_on_replaced_weights_run_again_and_their_evaluations_leave_
     assert set(read_evals(layout).column("checkpoint_id").to_pylist()) == {
         checkpoint_id(Path(models["student"])), *(checkpoint_id(layout.checkpoint_dir(i)) for i in (0, 1))}
     assert not stale.exists() and (layout.quarantine_dir() / stale.relative_to(layout.run_dir)).exists()
+    assert [p.name for p in ran_on.parent.iterdir()] == [f"model={model_hash(first)}"]  # the stale set moved to the quarantine with its iteration's scores
+    duplicated = "SELECT count(*) FROM (SELECT rollout_id, token_index FROM token_advantages GROUP BY ALL HAVING count(*) > 1)"
+    assert run_query(layout.run_dir, duplicated).fetchall() == [(0,)]
     for i in (0, 1):
         assert checkpoint_complete(layout.checkpoint_dir(i))
         assert _same_weights(layout.checkpoint_dir(i), straight.checkpoint_dir(i))
