@@ -85,3 +85,15 @@ def test_field_profile_text_bounds_a_step_with_nothing_but_matmuls():
     assert "update 0.60 s = matmuls 0.30 s + other ops 0.20 s (largest: `aten::copy_` 100 ms)" in text
     assert "would take 0.80 s a step" in text and "2.25x TRL's faster step" in text
     assert _field_profile({"gopd": {}, "trl": {"median_step_s": 2.0}}, rollout_s=0.3) == ""
+
+
+def test_tokenizer_reads_benchmark_counts_a_runs_calls_and_reads(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenizer_reads.py"), "--vocab", "2000", "--iterations",
+                    "1", "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=600, capture_output=True)
+    result = json.loads((tmp_path / "tokenizer_reads.json").read_text())
+    run = result["run"]
+    # the run reads each tokenizer it touches (student, teachers, checkpoints) at most once per content, while
+    # its stages ask for one far more often
+    assert 0 < run["reads_from_disk"] <= run["distinct_directories"] < run["load_tokenizer_calls"]
+    assert len(result["read_s"]) == 3 and result["read_s_median"] > 0
+    assert "reads from disk" in (tmp_path / "tokenizer_reads.md").read_text()

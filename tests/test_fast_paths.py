@@ -3,7 +3,9 @@ KV cache, and the update scoring the student in its own forward pass."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -29,10 +31,13 @@ from gopd_core import hardware
 from gopd_core.config import parse_config
 from gopd_core.models import (
     ResidentModels,
+    _tokenizer_content,
+    _tokenizer_stamp,
     best_dtype,
     has_dropout,
     keep_models_loaded,
     load_model,
+    load_tokenizer,
     prepacked_linears,
     resident_models,
 )
@@ -62,6 +67,34 @@ from storage.readers import read_score_map, rollout_shards
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("fast"))
+
+
+def test_a_run_reads_each_tokenizer_once_per_content(tmp_path):
+    first = build_random_model(tmp_path / "first", seed=5)
+    same = Path(shutil.copytree(first, tmp_path / "same"))  # another directory, the same tokenizer files
+    other = Path(shutil.copytree(first, tmp_path / "other"))
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    reads = ResidentModels.tokenizer_loads
+    assert load_tokenizer(first) is not load_tokenizer(first)  # outside a run nothing is kept
+    assert ResidentModels.tokenizer_loads == reads + 2
+    with keep_models_loaded(2):
+        kept = load_tokenizer(first)
+        assert load_tokenizer(first) is kept and load_tokenizer(same) is kept
+        changed = load_tokenizer(other)
+        assert changed is not kept and changed.model_max_length == 77
+    assert ResidentModels.tokenizer_loads == reads + 4
+
+
+def test_a_distill_run_reads_a_tokenizer_once_per_content_not_per_stage(world):
+    # each stage used to read its model's tokenizer (rollout, each scorer twice, the update): 1.2-1.5 s each for
+    # a 150k-token BPE tokenizer on this CPU. Checkpoints are new directories holding the same tokenizer files.
+    base, models, data = world.base, world.models, world.data
+    reads = ResidentModels.tokenizer_loads
+    layout = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "tokenizer-reads"))))
+    directories = [*models.values(), *(layout.checkpoint_dir(i) for i in (0, 1))]
+    contents = {_tokenizer_content(str(d.resolve()), _tokenizer_stamp(d.resolve())) for d in directories}
+    assert ResidentModels.tokenizer_loads - reads == len(contents) <= 4
 
 
 def test_resident_models_reuse_a_load_and_notice_a_rewritten_checkpoint(tmp_path):
