@@ -126,7 +126,8 @@ class ResidentModels:
       sampler; closed when the run's scope closes. Not counted in `capacity`.
     - `tokenizer`: the tokenizer of a model directory, read once per content (`TOKENIZERS` kept). Every
       checkpoint directory is new, but its tokenizer files are the same bytes: a 150k-token BPE
-      tokenizer takes 1.2-1.5 s to read on this 2-core CPU, and an iteration read one 5-7 times.
+      tokenizer takes ~1.2 s to read on this 2-core CPU, and a 2-iteration run's stages asked for
+      one 23 times (`benchmarks/results/tokenizer_reads.md`).
     `capacity` models at most (least recently used leave first); 0 keeps nothing. Each run has its
     own (`keep_models_loaded`, entered by the flows); `resident_models()` is the current
     context's, or outside any run one that keeps nothing.
