@@ -71,10 +71,14 @@ NOT_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt
 NOT_TOKENIZER_FILES = ("trainer_state.json", "generation_config.json")  # a checkpoint's, changing with its training
 
 
+HASHED_FILE_BYTES = 256 << 20  # a larger file (no tokenizer's) enters the key by name, size and mtime, not content
+
+
 def _tokenizer_stamp(directory: Path) -> tuple:
     """(name, size, mtime) of every file of `directory` a tokenizer may be read from: all but the weights, their
-    indexes, the training state and hidden files (config.json stays: AutoTokenizer may read it)."""
-    files = sorted(f for f in directory.rglob("*") if f.is_file() and not f.name.startswith(".")
+    indexes, the training state and anything hidden, e.g. a `.git` (config.json stays: AutoTokenizer may read it)."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(directory).parts)
                    and not f.name.endswith(NOT_TOKENIZER_SUFFIXES) and not f.name.endswith(".index.json")
                    and f.name not in NOT_TOKENIZER_FILES)
     return tuple((str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
@@ -84,8 +88,9 @@ def _tokenizer_stamp(directory: Path) -> tuple:
 def _tokenizer_content(directory: str, stamp: tuple) -> str:
     """sha256 over the (name, bytes) of `stamp`'s files: equal for a checkpoint and the parent it copies."""
     digest = hashlib.sha256()
-    for name, _, _ in stamp:
-        digest.update(name.encode() + b"\0" + (Path(directory) / name).read_bytes())
+    for name, size, mtime in stamp:
+        content = (Path(directory) / name).read_bytes() if size <= HASHED_FILE_BYTES else f"{size}@{mtime}".encode()
+        digest.update(name.encode() + b"\0" + content)
     return digest.hexdigest()
 
 
@@ -191,6 +196,8 @@ class ResidentModels:
         key = _tokenizer_content(str(directory), _tokenizer_stamp(directory))
         with self._lock:
             tokenizer = self._tokenizers.get(key)
+            if tokenizer is not None:
+                self._tokenizers.move_to_end(key)
         if tokenizer is None:
             tokenizer = _read_tokenizer(path)
             with self._lock:

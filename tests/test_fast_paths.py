@@ -72,6 +72,8 @@ def world(tmp_path_factory):
 def test_a_run_reads_each_tokenizer_once_per_content(tmp_path):
     first = build_random_model(tmp_path / "first", seed=5)
     same = Path(shutil.copytree(first, tmp_path / "same"))  # another directory, the same tokenizer files
+    (same / ".git" / "objects").mkdir(parents=True)  # hidden: not a tokenizer's
+    (same / ".git" / "objects" / "ab12").write_bytes(b"anything")
     other = Path(shutil.copytree(first, tmp_path / "other"))
     config = json.loads((other / "tokenizer_config.json").read_text())
     (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
