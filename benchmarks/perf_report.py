@@ -669,12 +669,17 @@ def _allocator_share(result: dict) -> str:
             f"on the system's, so the comparison at equal allocators reads {_times(result['speedup_same_allocator'])}. ")
 
 
+def _faster_trl_step(result: dict) -> float:
+    """TRL's median step on the malloc it ships with or on gopd's, whichever was faster (the verdict's)."""
+    return min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", math.inf))
+
+
 def _field_floor(result: dict, rollout_s: float, generate_s: float, peak: float) -> str:
     """How much of a 2x step the passes both tools must run would take at the machine's best matmul rate."""
     gflop = result.get("passes_gflop_per_step")
     if gflop is None:
         return ""
-    faster_trl = min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", float("inf")))
+    faster_trl = _faster_trl_step(result)
     budget, floor = faster_trl / 2, gflop / peak
     left = (f"leaves {budget - floor:.2f} s to sample {result['max_new_tokens']} tokens even with those passes at 100% "
             f"of the peak (gopd's rollout took {rollout_s:.2f} s, TRL's generate {generate_s:.2f} s)"
@@ -689,7 +694,7 @@ def _field_floor(result: dict, rollout_s: float, generate_s: float, peak: float)
 def _field_gap(result: dict, stages: dict[str, float], peak: float) -> str:
     """How far gopd's step is from a 2x one, and the rate its scoring and update ran those passes at."""
     gflop = result.get("passes_gflop_per_step")
-    faster_trl = min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", float("inf")))
+    faster_trl = _faster_trl_step(result)
     if gflop is None:
         return ""
     passes_s = stages["score"] + stages["update"]
@@ -706,7 +711,7 @@ def _field_profile(result: dict, rollout_s: float) -> str:
     profiles = result["gopd"].get("profiles")
     if not profiles:
         return ""
-    faster_trl = min(result["trl"]["median_step_s"], result.get("trl_gopd_allocator", {}).get("median_step_s", math.inf))
+    faster_trl = _faster_trl_step(result)
     parts, matmul_s = [], 0.0
     for stage in ("score", "update"):
         wall, matmul, ops = (sum(p[stage][key] for p in profiles) / len(profiles)
