@@ -26,6 +26,7 @@ from gopd_core.models import (
     keep_models_loaded,  # noqa: F401  (re-exported: the flows enter pipeline.keep_models_loaded)
     load_tokenizer,
     model_hash,
+    pending_weights_hash,
     render_prompt,
     resident_models,
 )
@@ -366,8 +367,8 @@ def forget_stages_built_on(layout: RunLayout, iteration: int, checkpoint: Path) 
     recorded = layout.done_info(iteration, "update")
     old = recorded.get("built_on")  # "" when those weights were already gone
     if old is None:
-        try:
-            old = model_hash(checkpoint)
+        try:  # weights whose deferred write never landed are placeholders: their hash was kept beside them
+            old = pending_weights_hash(checkpoint) or model_hash(checkpoint)
         except OSError:  # the weights are gone too (ModelPathError): nothing vouches for what was built on them
             old = ""
         layout.mark_done(iteration, "update", {**recorded, "built_on": old})

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from gopd_core.attention import attention_kernels, cpu_attention, packed_rows, packs_rows
 from gopd_core.hardware import PRECISIONS, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
-from gopd_core.models import load_tokenizer, promise_model_hash, resident_models, save_model
+from gopd_core.models import defer_weights_write, load_tokenizer, resident_models, save_model
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import pack_rows, plan_microbatches, plan_packs, store_scores
-from storage.direct_io import write_torch
+from storage.direct_io import page_aligned, write_torch
 from storage.layout import RunLayout, atomic_directory, write_json_atomic
 from storage.parquet import atomic_file
 from storage.readers import MissingScoresError, read_rollouts, read_score_map, rollout_shards
@@ -365,29 +365,50 @@ def _fused_adamw(model: torch.nn.Module) -> bool:
                for p in model.parameters())
 
 
+def _page_align(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Move the parameters and the AdamW state into page-aligned memory (`storage.direct_io.page_aligned`).
+
+    Then every checkpoint's weights and optimizer state go to the device from the tensors themselves, with
+    no copy through a staging buffer (103 MB of weights and 206 MB of state per update for a 25.8M-parameter
+    model). A resident model and its optimizer are moved once per run; the calls after find them aligned.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = page_aligned(parameter.data)  # the same memory where it is aligned already
+    for state in optimizer.state.values():
+        for name, value in list(state.items()):
+            if isinstance(value, torch.Tensor):
+                state[name] = page_aligned(value)
+
+
 def checkpoint_complete(checkpoint: str | Path) -> bool:
     """Whether an update's checkpoint was written to the end (its trainer state is written last)."""
     return (Path(checkpoint) / OPTIMIZER_FILE).exists() and (Path(checkpoint) / TRAINER_STATE_FILE).exists()
 
 
 def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent: str | Path, global_step: int) -> Path:
-    """HF directory (safetensors + tokenizer) renamed into place as a whole; then optimizer and trainer state.
+    """HF directory (config, tokenizer, weights) renamed into place as a whole; then optimizer and trainer state.
 
-    The second part is deferred to a background thread when the run keeps models resident (the next
-    update then reads the optimizer from memory, and waits for this write before stepping it);
+    When the run keeps models resident, the weights' bytes, the optimizer and the trainer state are written
+    on a background thread that overlaps the next rollout and scoring (they sample and score with the model
+    in memory; the next update reads the optimizer from memory and waits for this write before stepping it).
+    The directory then holds placeholders of the weights' final size until their write lands
+    (`models.defer_weights_write`: the hash is known at once, loads from disk wait for the write);
     `checkpoint_complete` tells a finished checkpoint from one whose deferred part never landed.
     """
     final = layout.checkpoint_dir(iteration)
+    _page_align(model, optimizer)
+    deferred = resident_models().capacity > 0
     with atomic_directory(final) as staging:
-        saved = save_model(model, staging)
+        saved = save_model(model, staging, defer_weights=deferred)
         load_tokenizer(parent).save_pretrained(str(staging))
-    keep_hash_promise = promise_model_hash(final, saved)
+    write_weights = defer_weights_write(final, saved)
     state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
     trainer_state = {"global_step": global_step, "iteration": iteration, "run_id": layout.run_id,
                      "parent": str(parent)}
 
     def finish() -> None:
-        keep_hash_promise()  # first: the next rollout's checkpoint id waits for it
+        write_weights()  # first: a reload of this checkpoint from disk waits for it
         with atomic_file(final / OPTIMIZER_FILE) as tmp:
             write_torch(state, tmp)
         write_json_atomic(final / TRAINER_STATE_FILE, trainer_state)

@@ -10,9 +10,12 @@ stop evicting what the page cache holds for reading (prompts, rollouts, teacher 
 
 `DirectFile` is a write-only file object (`write`, `flush`, `close`) that does this, and falls back
 to ordinary buffered writes where the filesystem refuses `O_DIRECT` (tmpfs, some network mounts,
-non-Linux systems): same bytes, only slower. It fsyncs on close. `write_safetensors` writes a
-safetensors file through it, `write_torch` a `torch.save` file; `safetensors_chunks` gives the same bytes again (to hash them from
-memory instead of reading the file back).
+non-Linux systems): same bytes, only slower. It fsyncs on close. A piece that starts on a block
+boundary of the file and of memory goes to the device straight from the caller's memory, without
+the copy into the staging buffer: `page_aligned` gives tensors such memory, `write_safetensors` and
+`write_torch` lay files out so that their tensors start on block boundaries. `write_safetensors`
+writes a safetensors file through it, `write_torch` a `torch.save` file; `safetensors_chunks` gives
+the same bytes again (to hash them from memory instead of reading the file back).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.utils.serialization as torch_serialization
 
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's block
 STAGING_BYTES = 8 << 20  # one reused, page-aligned buffer: 8 MiB per direct write call
@@ -48,12 +53,15 @@ class DirectFile:
     There are two staging buffers: a full one is written by a writer thread while the caller fills
     the other, and given a `digest`, a hasher thread feeds it each staged piece in order: the copy,
     the hashing and the device's writes run at the same time (the hash was the longest of the three).
+    A piece whose memory and file offset are both block-aligned skips the copy: its whole blocks go to the
+    device from the caller's memory (hashed meanwhile), `zero_copy_bytes` of them.
     `direct_bytes` counts the bytes written with `O_DIRECT` (0 where the filesystem refused it).
     """
 
     def __init__(self, path: str | Path, digest=None) -> None:
         """digest: a hashlib object fed every byte written, in order, on a thread of its own."""
-        self.direct_bytes, self._digest = 0, digest
+        self.direct_bytes, self.zero_copy_bytes, self._digest = 0, 0, digest
+        self._offset = 0  # bytes handed to the device so far (written or in flight)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd = os.open(path, flags | O_DIRECT, 0o644)
@@ -79,7 +87,7 @@ class DirectFile:
     def write(self, data) -> int:
         """Append `data` (any contiguous buffer); returns its length in bytes."""
         source = memoryview(data).cast("B")
-        done = 0
+        done = self._write_in_place(source)
         while done < len(source):
             take = min(len(source) - done, STAGING_BYTES - self._filled)
             piece = source[done:done + take]
@@ -91,6 +99,28 @@ class DirectFile:
             if self._filled == STAGING_BYTES:
                 self._hand_over()
         return len(source)
+
+    def _write_in_place(self, source: memoryview) -> int:
+        """Write the whole blocks of `source` from its own memory where that can be done; returns how many bytes."""
+        whole = len(source) - len(source) % ALIGN
+        if (not self.direct or not whole or (self._offset + self._filled) % ALIGN
+                or np.frombuffer(source, np.uint8).ctypes.data % ALIGN):
+            return 0
+        self._wait()  # what was staged before it lands first
+        if self._filled:  # whole blocks (the file offset is aligned): written now, then the buffer starts afresh
+            self._write_out(self._view, self._filled)
+            self._offset, self._filled = self._offset + self._filled, 0
+        piece = source[:whole]
+        hashed = None if self._hasher is None else self._hasher.submit(self._digest.update, piece)
+        try:
+            self._write_out(piece, whole)
+        finally:
+            if hashed is not None:
+                hashed.result()  # before returning: the caller may reuse its buffer
+        if self.direct:  # else the filesystem refused O_DIRECT at the first write: counted as buffered
+            self.zero_copy_bytes += whole
+        self._offset += whole
+        return whole
 
     def flush(self) -> None:
         """Nothing to do before `close`: whole blocks are written as they fill (torch.save calls this)."""
@@ -132,6 +162,7 @@ class DirectFile:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gopd-direct-write")
         self._pending = self._writer.submit(self._write_out, self._view, STAGING_BYTES)
+        self._offset += STAGING_BYTES
         self._view = self._views[1] if self._view is self._views[0] else self._views[0]
         self._filled = 0
 
@@ -163,19 +194,24 @@ class DirectFile:
 def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Iterator:
     """The bytes of a safetensors file holding `tensors`, in order: the header, then each tensor's data.
 
-    Same layout as the safetensors library (tensors by dtype size, largest first, then by name),
-    except that the header is padded with spaces to ALIGN, so the data starts block-aligned; readers
-    take the data's start from the header length. The same tensors give the same bytes, so a file's
-    hash can be taken again later from memory (`gopd_core.models.save_model`).
+    The header is padded with spaces to ALIGN, so the data starts block-aligned (readers take the data's
+    start from the header length), and the tensors whose size is a whole number of blocks come first, so
+    each of them starts on a block boundary too (`DirectFile` writes them from their own memory where that
+    is aligned as well: `page_aligned`); within each part, as the safetensors library orders them (dtype
+    size, largest first, then name). The same tensors give the same bytes, so a file's hash can be taken
+    again later from memory (`gopd_core.models.save_model`).
     """
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    def nbytes(name: str) -> int:
+        return tensors[name].numel() * tensors[name].element_size()
+
+    order = sorted(tensors, key=lambda name: (nbytes(name) % ALIGN != 0, -tensors[name].element_size(), name))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name in order:
         tensor = tensors[name]
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"safetensors cannot store {name!r} of dtype {tensor.dtype}")
-        size = tensor.numel() * tensor.element_size()
+        size = nbytes(name)
         header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -206,13 +242,37 @@ def write_torch(obj: object, path: str | Path) -> int:
 
     Without the zip records' CRC-32: `torch.load` never checks it, and computing it cost 0.17 s of CPU per
     GB (the AdamW state of a 100M-parameter model is 0.8 GB), taken from the stages this write overlaps.
-    The setting is process-wide in torch, so it is restored right after.
+    Each tensor's bytes start on a block boundary of the file (torch pads the zip records to
+    `storage_alignment`, 64 bytes by default), so `page_aligned` tensors go out without a copy.
+    Both settings are process-wide in torch, so they are restored right after.
     """
-    crc32 = torch.serialization.get_crc32_options()
+    save_config = torch_serialization.config.save
+    crc32, alignment = torch.serialization.get_crc32_options(), save_config.storage_alignment
     torch.serialization.set_crc32_options(False)
+    save_config.storage_alignment = ALIGN
     try:
         with DirectFile(path) as sink:
             torch.save(obj, sink)
     finally:
         torch.serialization.set_crc32_options(crc32)
+        save_config.storage_alignment = alignment
     return sink.direct_bytes
+
+
+def page_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` if its storage starts on a page, else a copy in page-aligned memory (CPU tensors; others as they are).
+
+    torch's CPU allocator aligns to 64 bytes only, so `DirectFile` would copy such a tensor into its staging
+    buffer before the device reads it. A copy here costs the same once; kept (the model's parameters, the
+    AdamW state), the tensor is written from its own memory at every checkpoint after. The memory is an
+    anonymous mapping of its own, freed with the tensor.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return tensor
+    if tensor.untyped_storage().data_ptr() % mmap.PAGESIZE == 0 and tensor.storage_offset() == 0:
+        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    array = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # the array keeps the mapping alive
+    aligned = torch.from_numpy(array).view(tensor.dtype).view(tensor.shape)
+    aligned.copy_(tensor)
+    return aligned

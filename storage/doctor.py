@@ -2,7 +2,8 @@
 
 Problems found:
 - a Parquet shard that cannot be read in full (truncated, corrupted, not Parquet, wrong columns);
-- a checkpoint directory missing its config or weights, or with unreadable safetensors;
+- a checkpoint directory missing its config or weights, with unreadable safetensors, or whose
+  weights were never written (an update stopped before its deferred write);
 - stale temporaries left by a killed writer (hidden `.*.tmp-*` files, `.*.staging-*` directories).
 
 Quarantine moves a broken shard under `_quarantine/` (same relative path) and drops the completion
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.layout import RunLayout, iteration_of
+from storage.layout import PENDING_WEIGHTS_FILE, RunLayout, iteration_of
 from storage.parquet import CorruptShardError, list_shards, open_shard
 from storage.schemas import TABLES
 
@@ -53,6 +54,8 @@ def check_checkpoint(directory: Path) -> str | None:
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         return "missing its weights (*.safetensors)"
+    if (directory / PENDING_WEIGHTS_FILE).exists():
+        return f"its weights were never written ({PENDING_WEIGHTS_FILE}: the update stopped before its deferred write)"
     for path in weights:
         try:
             with open(path, "rb") as handle:

@@ -162,6 +162,9 @@ class RunLayout:
             handle.close()
 
 
+PENDING_WEIGHTS_FILE = ".weights-pending.json"  # in a checkpoint whose weights' deferred write has not landed
+
+
 def write_json_atomic(path: Path, payload: dict) -> Path:
     """Write JSON to `path` via a temporary file and rename."""
     with atomic_file(path) as tmp:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import os
@@ -17,11 +16,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import storage.direct_io as direct_io
-from gopd_core.models import _hash_files, model_hash, promise_model_hash, save_model
+from gopd_core.models import (
+    PENDING_WEIGHTS_FILE,
+    ModelPathError,
+    _hash_files,
+    _weights_stamp,
+    defer_weights_write,
+    load_model,
+    model_hash,
+    pending_weights_hash,
+    save_model,
+)
 from storage.direct_io import (
     ALIGN,
     STAGING_BYTES,
     DirectFile,
+    page_aligned,
     safetensors_chunks,
     write_safetensors,
     write_torch,
@@ -130,7 +140,7 @@ def test_write_safetensors_is_read_by_safetensors(tmp_path):
     assert b"".join(bytes(chunk) for chunk in safetensors_chunks(tensors, {"format": "pt"})) == raw  # hashable again
 
 
-def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
+def test_save_model_matches_save_pretrained_and_remembers_its_hash(tmp_path):
     source = build_random_model(tmp_path / "source")  # tied embeddings: transformers leaves lm_head out
     model = AutoModelForCausalLM.from_pretrained(str(source))
     ours = tmp_path / "ours"
@@ -138,7 +148,7 @@ def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
     plain = tmp_path / "plain"
     model.save_pretrained(str(plain), safe_serialization=True)
 
-    assert saved.complete and [name for name, _, _ in saved.files] == ["model.safetensors"]
+    assert saved.complete and [name for name, *_ in saved.files] == ["model.safetensors"]
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in plain.iterdir())
     ours_tensors, plain_tensors = load_file(ours / "model.safetensors"), load_file(plain / "model.safetensors")
     assert set(ours_tensors) == set(plain_tensors) and "lm_head.weight" not in ours_tensors
@@ -148,41 +158,80 @@ def test_save_model_matches_save_pretrained_and_promises_its_hash(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(str(ours))
     assert all(torch.equal(x, y) for x, y in zip(reloaded.state_dict().values(), model.state_dict().values()))
     _hash_files.cache_clear()
-    from_files = model_hash(ours)  # reading the files back (nothing promised for this path)
-
-    assert saved.written_hash == from_files  # hashed while it was written
+    from_files = model_hash(ours)  # reading the files back (nothing remembered for this path)
+    assert saved.content_hash == from_files  # hashed from memory before the write: the files' bytes
     moved = tmp_path / "moved"
     os.replace(ours, moved)  # as the checkpoint's staging directory is renamed into place
-    keep = promise_model_hash(moved, dataclasses.replace(saved, written_hash=None))  # as if it had not been
+    assert defer_weights_write(moved, saved)() is None  # written already: nothing deferred, the hash remembered
     _hash_files.cache_clear()
-    late = threading.Thread(target=lambda: (time.sleep(0.3), keep()))
-    late.start()
-    assert model_hash(moved) == from_files  # waited for the promise, taken from memory
-    late.join()
-    assert _hash_files.cache_info().currsize == 0  # the files were not read back
+    assert model_hash(moved) == from_files and _hash_files.cache_info().currsize == 0  # not read back
     (moved / "config.json").write_text((moved / "config.json").read_text() + " ")
     assert model_hash(moved) != from_files  # a rewritten file is hashed again, from disk
 
 
-@pytest.mark.parametrize("config_json", ["written after the weights", "rewritten after the weights"])
-def test_save_model_hashes_from_memory_when_the_written_bytes_are_not_the_files(tmp_path, monkeypatch, config_json):
+def test_deferred_weights_keep_the_directory_stamp_and_loads_wait_for_them(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(build_random_model(tmp_path / "source")))
+    staging, final = tmp_path / ".staging", tmp_path / "checkpoint"
+    saved = save_model(model, staging, defer_weights=True)
+    size = os.path.getsize(staging / "model.safetensors")
+    assert size == saved.files[0][3] and (staging / PENDING_WEIGHTS_FILE).exists()
+    assert (staging / "model.safetensors").read_bytes() == bytes(size)  # a placeholder: no bytes yet
+    os.replace(staging, final)
+    write = defer_weights_write(final, saved)
+    stamp = _weights_stamp(final)
+    _hash_files.cache_clear()
+    assert model_hash(final) == saved.content_hash and _hash_files.cache_info().currsize == 0
+
+    loaded: list = []
+    loader = threading.Thread(target=lambda: loaded.append(load_model(final, dtype=torch.float32)))
+    loader.start()
+    time.sleep(0.5)
+    assert loader.is_alive() and not loaded  # a load from disk waits for the deferred write
+    write()
+    loader.join(timeout=60)
+    assert all(torch.equal(x, y) for x, y in zip(loaded[0].state_dict().values(), model.state_dict().values()))
+    assert _weights_stamp(final) == stamp and not (final / PENDING_WEIGHTS_FILE).exists()  # same stamp, written
+    _hash_files.cache_clear()
+    assert _hash_files(stamp) == saved.content_hash  # the files hold exactly the bytes hashed from memory
+
+
+def test_a_checkpoint_whose_deferred_weights_never_landed_says_so(tmp_path):
     import gopd_core.models as models
 
     model = AutoModelForCausalLM.from_pretrained(str(build_random_model(tmp_path / "source")))
-    directory = tmp_path / "saved"
-    write_config = model.config.save_pretrained
-    if config_json == "written after the weights":
-        monkeypatch.setattr(type(model.config), "save_pretrained", lambda *args, **kwargs: None)
+    final = tmp_path / "checkpoint"
+    saved = save_model(model, final, defer_weights=True)
+    defer_weights_write(final, saved)
+    models._PENDING_WRITES.clear()  # as after a kill: no process is writing them any more
+    with pytest.raises(ModelPathError, match="never written"):
+        load_model(final)
+    assert pending_weights_hash(final) == saved.content_hash  # what a resumed run compares the redone update with
+    assert pending_weights_hash(tmp_path / "source") is None
 
-    def then_config(*args, **kwargs):
-        written = write_safetensors(*args, **kwargs)
-        write_config(directory)  # the config as transformers writes it ...
-        if config_json == "rewritten after the weights":  # ... or another one than was hashed
-            (directory / "config.json").write_text((directory / "config.json").read_text() + " ")
-        return written
 
-    monkeypatch.setattr(models, "write_safetensors", then_config)
-    saved = save_model(model, directory)
-    assert saved.complete and saved.written_hash is None  # not what the files hold: taken from memory instead
-    _hash_files.cache_clear()
-    assert saved.content_hash() == model_hash(directory)
+def test_page_aligned_tensors_are_written_from_their_own_memory(tmp_path, monkeypatch):
+    files = []
+
+    class Recorded(DirectFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            files.append(self)
+
+    monkeypatch.setattr(direct_io, "DirectFile", Recorded)
+    plain = {"a": torch.randn(4096), "b": torch.randn(3, 1000).bfloat16(), "norm": torch.randn(7)}
+    aligned = {name: page_aligned(tensor) for name, tensor in plain.items()}
+    assert all(aligned[n].data_ptr() % ALIGN == 0 and torch.equal(aligned[n], plain[n]) for n in plain)
+    assert page_aligned(aligned["a"]) is aligned["a"]  # aligned already: the same tensor
+    # safetensors: "a" (4 blocks) leads, then "norm" (28 bytes) leaves every later offset unaligned; torch.save
+    # starts every storage on a block: "a" and the first whole block of "b" (6000 bytes)
+    for tensors, in_place in ((plain, (0, 0)), (aligned, (4 * ALIGN, 4 * ALIGN + ALIGN))):
+        expected = in_place if takes_o_direct(tmp_path) else (0, 0)
+        write_safetensors(tensors, tmp_path / "m.safetensors")
+        back = load_file(tmp_path / "m.safetensors")
+        assert all(torch.equal(back[n], plain[n]) for n in plain)
+        assert files[-1].zero_copy_bytes == expected[0]
+        state = {"state": {0: {"exp_avg": tensors["a"], "step": torch.tensor(1.0)}}, "half": tensors["b"]}
+        write_torch(state, tmp_path / "optimizer.pt")
+        loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+        assert torch.equal(loaded["state"][0]["exp_avg"], plain["a"]) and torch.equal(loaded["half"], plain["b"])
+        assert files[-1].zero_copy_bytes == expected[1]

@@ -8,6 +8,8 @@ redone update does not give back (`pipeline.forget_stages_built_on`).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tiny import build_world, tiny_distill_config
 
 from flows.distill import distill
 from gopd_core.config import parse_config
-from gopd_core.models import model_hash
+from gopd_core.models import PENDING_WEIGHTS_FILE, ModelPathError, model_hash
 from gopd_core.pipeline import checkpoint_id, eval_settings, evaluate_stage, forget_stages_built_on
 from gopd_core.scoring import store_scores
 from gopd_core.training import checkpoint_complete
@@ -36,6 +38,17 @@ def _lose_deferred_part(checkpoint: Path) -> None:
     """What a kill after the weights were renamed in, before the AdamW and trainer state, leaves."""
     (checkpoint / "trainer_state.json").unlink()
     (checkpoint / "optimizer.pt").unlink()
+
+
+def _leave_placeholders(checkpoint: Path) -> None:
+    """What a kill before the deferred weights write leaves: files of their size holding zeros, and their hash."""
+    hash_before = model_hash(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    size, stat = weights.stat().st_size, weights.stat()
+    with open(weights, "wb") as placeholder:
+        placeholder.truncate(size)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (checkpoint / PENDING_WEIGHTS_FILE).write_text(json.dumps({"hash": hash_before}))
 
 
 def _perturb_weights(checkpoint: Path) -> None:
@@ -73,20 +86,25 @@ def test_an_update_whose_deferred_write_never_landed_runs_again_on_resume(world,
         assert all(torch.equal(redone[slot][k], straight[slot][k]) for slot in straight for k in straight[slot])
 
 
-@pytest.mark.parametrize("weights_changed", [True, False])
-def test_a_redone_update_runs_the_later_stages_again_only_if_its_weights_changed(world, weights_changed):
+@pytest.mark.parametrize("left", ["weights unchanged", "weights changed", "weights never written"])
+def test_a_redone_update_runs_the_later_stages_again_only_if_its_weights_changed(world, left):
     # update 0's deferred part never landed, but the next rollout, scoring and update were recorded: on resume
     # update 0 runs again; where the weights it gives differ from those the later stages used (a GPU's kernels
     # need not repeat bit for bit), those stages must run again on the new weights
     base, models, data = world.base, world.models, world.data
     settings = {"update.minibatches": 1, "data.test": []}
     straight = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, "redo-straight", **settings))))
-    run_id = f"redo-{weights_changed}"
+    weights_changed = left == "weights changed"
+    run_id = f"redo-{left.split()[1]}"
     layout = RunLayout(Path(distill(config=tiny_distill_config(base, models, data, run_id, **settings))))
     first = layout.checkpoint_dir(0)
     _lose_deferred_part(first)
     if weights_changed:  # the weights the later stages ran on are not the ones update 0 gives again
         _perturb_weights(first)
+    if left == "weights never written":  # killed before the weights' deferred write: their hash is kept beside
+        _leave_placeholders(first)
+        with pytest.raises(ModelPathError, match="never written"):
+            model_hash(first)
     later = [(1, stage) for stage in ("rollout", "score", "update")]
     stamps = {key: layout.marker_path(*key).stat().st_mtime_ns for key in later}
     distill(config=tiny_distill_config(base, models, data, run_id, **settings))  # resumes

