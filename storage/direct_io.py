@@ -267,11 +267,11 @@ def page_aligned(tensor: torch.Tensor) -> torch.Tensor:
     AdamW state), the tensor is written from its own memory at every checkpoint after. The memory is an
     anonymous mapping of its own, freed with the tensor.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
-        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or nbytes < ALIGN or not tensor.is_contiguous():
+        return tensor  # under a block (AdamW's step counts, norms of small models) it is staged anyway
     if tensor.untyped_storage().data_ptr() % mmap.PAGESIZE == 0 and tensor.storage_offset() == 0:
         return tensor
-    nbytes = tensor.numel() * tensor.element_size()
     array = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # the array keeps the mapping alive
     aligned = torch.from_numpy(array).view(tensor.dtype).view(tensor.shape)
     aligned.copy_(tensor)
