@@ -51,16 +51,14 @@ class DirectFile:
     Bytes are gathered in a page-aligned staging buffer and written in whole `STAGING_BYTES`
     blocks with `O_DIRECT`; the last partial block goes through the page cache (it is not aligned).
     There are two staging buffers: a full one is written by a writer thread while the caller fills
-    the other, and given a `digest`, a hasher thread feeds it each staged piece in order: the copy,
-    the hashing and the device's writes run at the same time (the hash was the longest of the three).
-    A piece whose memory and file offset are both block-aligned skips the copy: its whole blocks go to the
-    device from the caller's memory (hashed meanwhile), `zero_copy_bytes` of them.
+    the other, so the copy and the device's writes run at the same time. A piece whose memory and
+    file offset are both block-aligned skips the copy: its whole blocks go to the device from the
+    caller's memory, `zero_copy_bytes` of them.
     `direct_bytes` counts the bytes written with `O_DIRECT` (0 where the filesystem refused it).
     """
 
-    def __init__(self, path: str | Path, digest=None) -> None:
-        """digest: a hashlib object fed every byte written, in order, on a thread of its own."""
-        self.direct_bytes, self.zero_copy_bytes, self._digest = 0, 0, digest
+    def __init__(self, path: str | Path) -> None:
+        self.direct_bytes, self.zero_copy_bytes = 0, 0
         self._offset = 0  # bytes handed to the device so far (written or in flight)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -75,8 +73,6 @@ class DirectFile:
         self._view, self._filled = self._views[0], 0
         self._writer: ThreadPoolExecutor | None = None  # started with the first full buffer
         self._pending: Future | None = None  # the write in flight, of the buffer not being filled
-        self._hasher = None if digest is None else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gopd-hash")
-        self._hashed: list[Future] = []
 
     def __enter__(self) -> DirectFile:
         return self
@@ -94,8 +90,6 @@ class DirectFile:
             self._view[self._filled:self._filled + take] = piece
             self._filled += take
             done += take
-            if self._hasher is not None:  # hashlib releases the GIL: runs beside the copy and the writes
-                self._hashed.append(self._hasher.submit(self._digest.update, piece))
             if self._filled == STAGING_BYTES:
                 self._hand_over()
         return len(source)
@@ -110,13 +104,7 @@ class DirectFile:
         if self._filled:  # whole blocks (the file offset is aligned): written now, then the buffer starts afresh
             self._write_out(self._view, self._filled)
             self._offset, self._filled = self._offset + self._filled, 0
-        piece = source[:whole]
-        hashed = None if self._hasher is None else self._hasher.submit(self._digest.update, piece)
-        try:
-            self._write_out(piece, whole)
-        finally:
-            if hashed is not None:
-                hashed.result()  # before returning: the caller may reuse its buffer
+        self._write_out(source[:whole], whole)
         if self.direct:  # else the filesystem refused O_DIRECT at the first write: counted as buffered
             self.zero_copy_bytes += whole
         self._offset += whole
@@ -136,17 +124,13 @@ class DirectFile:
             self._set_direct(False)  # the unaligned tail goes through the page cache
             self._write_out(self._view[aligned:self._filled], self._filled - aligned)
             os.fsync(self._fd)
-            for hashed in self._hashed:
-                hashed.result()
         finally:
             try:
                 self._wait()  # an error above may leave a write in flight: it ends before the file closes
             except OSError:
                 pass
-            for executor in (self._writer, self._hasher):
-                if executor is not None:
-                    executor.shutdown()
-            self._hashed = []
+            if self._writer is not None:
+                self._writer.shutdown()
             os.close(self._fd)
             self._fd = -1
             for view, buffer in zip(self._views, self._buffers):
@@ -225,13 +209,12 @@ def safetensors_chunks(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                      metadata: Mapping[str, str] | None = None, digest=None) -> int:
+                      metadata: Mapping[str, str] | None = None) -> int:
     """Write `tensors` as a safetensors file at `path` through `DirectFile`; returns the bytes written with O_DIRECT.
 
-    digest: a hashlib object that is fed the file's bytes as they are written (while the device writes the
-    previous block), e.g. to name a checkpoint by its content without reading it again.
+    A checkpoint's hash is taken from the same bytes in memory (`safetensors_chunks`), not from the file.
     """
-    with DirectFile(path, digest) as sink:
+    with DirectFile(path) as sink:
         for chunk in safetensors_chunks(tensors, metadata):
             sink.write(chunk)
     return sink.direct_bytes

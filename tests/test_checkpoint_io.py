@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import threading
 import time
@@ -62,17 +61,6 @@ def test_direct_file_writes_the_bytes(tmp_path, pieces):
     # whole blocks bypass the page cache where the filesystem allows it; the unaligned tail never does
     bypassed = len(expected) - len(expected) % ALIGN if takes_o_direct(tmp_path) else 0
     assert sink.direct_bytes == bypassed
-
-
-@pytest.mark.parametrize("pieces", [[5], [STAGING_BYTES], [3, 2 * STAGING_BYTES, 5000, STAGING_BYTES - 3]])
-def test_direct_file_hashes_exactly_the_bytes_it_writes(tmp_path, pieces):
-    chunks = [os.urandom(size) for size in pieces]
-    digest = hashlib.sha256()
-    with DirectFile(tmp_path / "out.bin", digest) as sink:
-        for chunk in chunks:
-            sink.write(memoryview(chunk))
-    assert digest.hexdigest() == hashlib.sha256((tmp_path / "out.bin").read_bytes()).hexdigest()
-    assert (tmp_path / "out.bin").read_bytes() == b"".join(chunks)
 
 
 def test_direct_file_hands_back_an_error_of_its_writer_thread(tmp_path, monkeypatch):
