@@ -364,12 +364,14 @@ class SavedModel:
     tensors are the model's own: their bytes are right until its weights next change (the update's next
     optimizer step, which waits for the deferred checkpoint work). `complete`: config.json and these
     shards are exactly the files `model_hash` reads, so `content_hash` is what it would find.
+    `placeholders_mtime_ns`: set when the shards are placeholders still to be written (`defer_weights`).
     """
 
     config: bytes
     files: list[tuple[str, dict, dict | None, int]]
     complete: bool
     content_hash: str
+    placeholders_mtime_ns: int | None = None
 
     def write_weights(self, directory: Path, mtime_ns: int | None = None) -> None:
         """Write the shards into `directory` (each renamed over its placeholder, whose mtime it keeps)."""
@@ -417,9 +419,11 @@ def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool =
     if not (defer_weights and complete):
         saved.write_weights(directory)
         return saved
+    saved.placeholders_mtime_ns = time.time_ns()  # the renames that follow keep it: the directory's stamp stays
     for name, _, _, size in files:
         with open(directory / name, "wb") as placeholder:
             placeholder.truncate(size)  # sparse: no bytes written, the final size already
+        os.utime(directory / name, ns=(saved.placeholders_mtime_ns, saved.placeholders_mtime_ns))
     write_json_atomic(directory / PENDING_WEIGHTS_FILE, {"hash": saved.content_hash})
     return saved
 
@@ -432,22 +436,19 @@ def defer_weights_write(path: Path, saved: SavedModel) -> Callable[[], None]:
     placeholders, keeping their mtimes, so the directory's stamp and everything keyed on it stay valid.
     """
     path = Path(path)
-    if not (path / PENDING_WEIGHTS_FILE).exists():  # written at once (`save_model` could not defer)
-        remember_model_hash(path, saved)
-        return lambda: None
-    mtime_ns = time.time_ns()
-    for name, *_ in saved.files:
-        os.utime(path / name, ns=(mtime_ns, mtime_ns))
     remember_model_hash(path, saved)
-    done = _PENDING_WRITES.setdefault(str(path.resolve()), threading.Event())
+    if saved.placeholders_mtime_ns is None:  # written at once (`save_model` could not defer)
+        return lambda: None
+    key = str(path.resolve())
+    done = _PENDING_WRITES[key] = threading.Event()
 
     def write() -> None:
         try:
-            saved.write_weights(path, mtime_ns)
+            saved.write_weights(path, saved.placeholders_mtime_ns)
             (path / PENDING_WEIGHTS_FILE).unlink()
             fsync_dir(path)
         finally:  # readers wake either way; after a failure check_model_dir names the unwritten weights
-            _PENDING_WRITES.pop(str(path.resolve()), None)
+            _PENDING_WRITES.pop(key, None)
             done.set()
 
     return write
