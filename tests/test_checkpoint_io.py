@@ -8,6 +8,7 @@ import threading
 import time
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -206,7 +207,15 @@ def test_page_aligned_tensors_are_written_from_their_own_memory(tmp_path, monkey
             files.append(self)
 
     monkeypatch.setattr(direct_io, "DirectFile", Recorded)
-    plain = {"a": torch.randn(4096), "b": torch.randn(3, 1000).bfloat16(), "norm": torch.randn(7)}
+    def unaligned(tensor: torch.Tensor) -> torch.Tensor:  # torch's 64-byte alignment is a page now and then
+        nbytes = tensor.numel() * tensor.element_size()
+        room = np.empty(nbytes + 2 * ALIGN, np.uint8)
+        start = -room.ctypes.data % ALIGN + 64  # a page and 64 bytes: the storage itself starts off a page
+        storage = torch.from_numpy(room[start:start + nbytes])
+        return storage.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+    plain = {"a": unaligned(torch.randn(4096)), "b": unaligned(torch.randn(3, 1000).bfloat16()), "norm": torch.randn(7)}
+    assert all(tensor.data_ptr() % ALIGN for tensor in plain.values())
     aligned = {name: page_aligned(tensor) for name, tensor in plain.items()}
     assert all(aligned[n].data_ptr() % ALIGN == 0 and torch.equal(aligned[n], plain[n]) for n in ("a", "b"))
     assert page_aligned(aligned["a"]) is aligned["a"]  # aligned already: the same tensor
