@@ -96,7 +96,9 @@ def test_sql_readers_see_only_whole_shards_and_do_not_slow_the_writer(tmp_path):
 def test_a_second_flow_on_the_same_run_is_refused(tiny_world, prefect_api_url, tmp_path):
     from flows.distill import distill
 
-    config = make_config(tiny_world, "shared", root=tmp_path / "runs")
+    # iterations enough that the first flow still holds the run when the second one asks (it is killed after):
+    # the 2-iteration tiny run could end in the moment between the two
+    config = make_config(tiny_world, "shared", root=tmp_path / "runs", iterations=40)
     layout = RunLayout.under(config["storage_root"], "shared")
     first = start_flow(config, prefect_api_url, tmp_path / "first.log")
     try:
