@@ -2,6 +2,7 @@
 
     python3 benchmarks/field_gkd.py [--quick] [--json PATH] [--batch 8] [--max-new-tokens 256] [--steps 3] [--rounds 2]
                                     [--vocab 32000] [--only gopd|trl] [--trl-allocator system|both]
+                                    [--gopd-checkpoints matched|both]
 
 1. Models: the zoo `perf` preset (built into `benchmarks/.cache/zoo-perf` if its manifest is
    missing): student `student-base` (25.8M parameters) and teacher `teacher-math` (99.3M), both
@@ -21,7 +22,7 @@
 4. Each side runs in its own fresh subprocess (peak RSS is that process's `ru_maxrss`), with
    `warm-up + steps` steps; the warm-up is reported apart, the median of the rest is compared.
    With `--rounds N` (default 2) each side runs N such processes, the sides taking turns (gopd, TRL,
-   TRL on gopd's malloc, then again), so that a slow spell of this shared machine falls on every
+   TRL on gopd's malloc, gopd writing a checkpoint every step, then again), so that a slow spell of this shared machine falls on every
    side; the median is over all rounds' measured steps, each round's median is kept beside it.
    After its measured steps each gopd process runs one more with its scoring and update under
    torch.profiler (`profiles`, one per round: each stage's matmul seconds against the rest); that
@@ -31,6 +32,13 @@
    jemalloc where `libjemalloc.so.2` is installed, else the system's; GOPD_ALLOCATOR overrides).
    TRL runs on the system malloc, as it ships, and (`--trl-allocator both`, the default, when gopd's
    side preloads one) again on gopd's: `speedup_same_allocator`. The verdict takes the smaller one.
+6. Checkpoints: TRL's step writes none (save_strategy "no"). gopd's side (`gopd`) runs with
+   `checkpoint_every` past its measured steps, so they write none either: the updates keep their
+   checkpoints in memory, and only the run's last update (the profiled step after the measured ones)
+   writes one. With `--gopd-checkpoints both` (the default) a fourth side, `gopd_checkpoint_every_step`,
+   runs gopd's default `checkpoint_every: 1`, every update writing its checkpoint (safetensors + AdamW
+   state) to disk, and `speedup_checkpoint_every_step` (and `..._same_allocator_...`) compare it with TRL.
+   The verdict is the matched comparison's.
 
 What is the same: models, the precision (float32; bf16 matmuls over float32 weights on both sides where the
 CPU runs bf16 natively: gopd's default there, TRL's `bf16` autocast), `threads` torch threads (and OMP_NUM_THREADS, gopd's
@@ -39,10 +47,10 @@ default OpenMP spin GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY is set) in both,
 one optimizer step per step over the whole batch. What differs, by design of each tool:
 - Both keep their models in memory across steps (gopd: `pipeline.keep_models_loaded`, as the
   `distill` flow does). gopd's stages are still separate, resumable steps over a Parquet store:
-  the rollouts and scores are written as Parquet, and every update writes a full checkpoint
-  (safetensors + AdamW state) to disk, which TRL (save_strategy "no") does not. The weights are
-  written before the step ends; the AdamW state (twice their bytes) is written on a background
-  thread while the next step's rollout runs, and waited for before the next AdamW step.
+  the rollouts, scores and update metrics are written as Parquet every step. Checkpoints: see 6;
+  where gopd writes one, the update hashes the weights from memory and a background thread writes
+  the weights and the AdamW state (twice their bytes) while the next step's rollout and scoring run;
+  the next AdamW step waits for it.
 - TRL's loss is the full-vocabulary reverse KL: student and teacher logits at every position of
   prompt + response (B, L, V), with one student forward that also carries the gradient. gopd's
   loss is the sampled-token estimator: teacher and student log-probs of the sampled tokens only
@@ -86,6 +94,7 @@ TRL_VENV = BENCHMARKS / ".venv-trl"
 TRL_REQUIREMENTS = REPO / "requirements" / "trl-bench.txt"
 DEFAULT_ZOO = BENCHMARKS / ".cache" / "zoo-perf"
 TARGET_SPEEDUP = 2.0
+MATCHED_CHECKPOINT_EVERY = 1_000_000  # gopd's `checkpoint_every` for the side matching TRL's save_strategy "no"
 
 
 def ensure_zoo(zoo: Path) -> dict:
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=["gopd", "trl"], help="run one side only (no speedup)")
     parser.add_argument("--trl-allocator", choices=["system", "both"], default="both",
                         help="TRL on the system malloc (as it ships), or also on gopd's (jemalloc where installed)")
+    parser.add_argument("--gopd-checkpoints", choices=["matched", "both"], default="both",
+                        help="gopd writing no checkpoint in its measured steps, as TRL; or also every step (its default)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -266,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
                     # gopd runs one more step with its scoring and update under torch.profiler (not measured)
                     "profile_step": True}
         settings_path = Path(scratch) / "settings.json"
-        settings_path.write_text(json.dumps(settings))
+        # as TRL's save_strategy "no": no checkpoint written in the measured steps (only the run's last update's)
+        settings_path.write_text(json.dumps({**settings, "checkpoint_every": MATCHED_CHECKPOINT_EVERY}))
+        every_step_path = Path(scratch) / "settings-checkpoint-every-step.json"
+        every_step_path.write_text(json.dumps({**settings, "checkpoint_every": 1}))  # gopd's default
         # gopd on the malloc its command picks; TRL as it ships (below), and again on gopd's
         gopd_env = child_environment(os.environ.get(ALLOCATOR_VARIABLE, "auto"), _quiet_env(args.threads))
         trl_python = ensure_trl_venv() if args.only != "gopd" else None
@@ -276,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.only != "trl":
                 sides["gopd"] = run_side("gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py",
                                          settings_path, gopd_env)
+                if args.gopd_checkpoints == "both" and not args.quick:
+                    sides["gopd_checkpoint_every_step"] = run_side(
+                        "gopd", Path(sys.executable), BENCHMARKS / "field_gkd_gopd.py", every_step_path, gopd_env)
             if trl_python is not None:
                 sides["trl"] = run_side("trl", trl_python, BENCHMARKS / "field_gkd_trl.py", settings_path,
                                         child_environment("system", _quiet_env(args.threads)))
@@ -304,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "trl_gopd_allocator" in sides:
             report["speedup_same_allocator"] = (sides["trl_gopd_allocator"]["median_step_s"]
                                                 / sides["gopd"]["median_step_s"])
+        if "gopd_checkpoint_every_step" in sides:
+            every_step = sides["gopd_checkpoint_every_step"]["median_step_s"]
+            report["speedup_checkpoint_every_step"] = sides["trl"]["median_step_s"] / every_step
+            if "trl_gopd_allocator" in sides:
+                report["speedup_same_allocator_checkpoint_every_step"] = (
+                    sides["trl_gopd_allocator"]["median_step_s"] / every_step)
         report["target_speedup"] = TARGET_SPEEDUP
         # the verdict takes the smaller speedup: an allocator TRL could also be given is no win over TRL
         report["target_met"] = min(report["speedup"], report.get("speedup_same_allocator", math.inf)) >= TARGET_SPEEDUP

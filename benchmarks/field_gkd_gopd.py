@@ -12,8 +12,10 @@ One step is one G-OPD iteration at lam = 1 on a temporary run directory, through
    so the reference scorer of `plan_scorers` is left out; the student needs no scoring pass with
    one minibatch (`student_scored_in_update`).
 3. `update_stage`: one AdamW step (one minibatch, one micro-batch), whose forward pass also stores
-   the student's log-probs; then the new checkpoint is written, and the next step starts from it
-   (kept in memory by `keep_models_loaded`, as in the `distill` flow).
+   the student's log-probs; then the new checkpoint is saved, and the next step starts from it
+   (kept in memory by `keep_models_loaded`, as in the `distill` flow). `checkpoint_every` in the
+   settings is the run's (default 1: every update writes its checkpoint to disk; a larger value
+   keeps the others in memory only, and the run's last update, the profiled step, always writes).
 Step 0 is the warm-up and is reported apart. Wall and process CPU seconds are kept per step, and each
 stage's wall seconds for the breakdown; `update_steps_s` is the part of the update's wall in its
 optimizer steps (forward, backward, AdamW: the `updates` table's `wall_s`), the rest being its reads,
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from gopd_core.allocator import loaded_allocator  # noqa: E402
 from gopd_core.config import parse_config  # noqa: E402
 from gopd_core.pipeline import (  # noqa: E402
+    checkpoint_complete,
     keep_models_loaded,
     plan_scorers,
     prepare_run,
@@ -68,6 +71,7 @@ def run_config(settings: dict, storage_root: Path):
     return parse_config({
         "run_id": "field-gkd", "storage_root": str(storage_root), "iterations": settings["steps"] + 2,
         "seed": settings["seed"], "models": {"student": settings["student"], "teachers": {"math": settings["teacher"]}},
+        "checkpoint_every": settings.get("checkpoint_every", 1),
         "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "n": 1,
                      "verify_rewards": False},  # monitoring only; TRL's step verifies nothing either
         "update": {"reward_scale": 1.0, "lr": settings["lr"], "minibatches": 1,
@@ -144,6 +148,7 @@ def main(settings: dict) -> dict:
                 one_step(layout, config, len(steps), checkpoint, profile)
         tokens = [_step_tokens(read_rollouts(layout, it, ["prompt_token_ids", "response_token_ids"]).to_pydict())
                   for it in range(len(steps))]
+        written = [it for it in range(config.iterations) if checkpoint_complete(layout.checkpoint_dir(it))]
         updates = read_updates(layout).to_pydict()
         for step, stages in enumerate(steps):  # the update's optimizer steps (forward, backward, AdamW) in its wall
             stages["update_steps_s"] = sum(w for it, w in zip(updates["iteration"], updates["wall_s"]) if it == step)
@@ -157,6 +162,7 @@ def main(settings: dict) -> dict:
         "mean_response_tokens": sum(lengths) / max(1, len(lengths)), "responses": len(lengths),
         "tokens_per_step": tokens[1:],
         "profile": profile, "peak_rss_mb": peak_rss, "rss_after_imports_mb": rss_after_imports,
+        "checkpoint_every": config.checkpoint_every, "checkpoints_written": written,
         "allocator": loaded_allocator(), "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
 

@@ -47,7 +47,7 @@ def score(layout: RunLayout, iteration: int, checkpoint: Path, config: RunConfig
 @task(**TASK_POLICY)
 def update(layout: RunLayout, iteration: int, checkpoint: Path, written: dict[str, str], config: RunConfig) -> Path:
     return pipeline.run_once(layout, iteration, "update", lambda: pipeline.update_stage(
-        layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.checkpoint_complete,
+        layout, iteration, checkpoint, written, config), decode=Path, complete=pipeline.update_complete(layout, iteration),
         redo=functools.partial(pipeline.forget_stages_built_on, layout, iteration))
 
 
@@ -64,13 +64,6 @@ def report(layout: RunLayout, iteration: int, plot: bool) -> str:
     return str(summary)
 
 
-def _should_evaluate(config: RunConfig, updates_done: int) -> bool:
-    if not config.data.test:
-        return False
-    every = config.eval.every
-    return updates_done in (0, config.iterations) or (every > 0 and updates_done % every == 0)
-
-
 @flow(name="distill", log_prints=True)
 def distill(config_path: str | None = None, config: dict | None = None, overrides: dict | None = None) -> str:
     """Distil the student from its teachers for `iterations` iterations; returns the run directory.
@@ -82,13 +75,13 @@ def distill(config_path: str | None = None, config: dict | None = None, override
     with layout.lock(), pipeline.keep_models_loaded(run_config.resident_models):
         layout = prepare(run_config)
         checkpoint = Path(run_config.models.student)
-        if _should_evaluate(run_config, 0):
+        if pipeline.should_evaluate(run_config, 0):
             evaluate(layout, checkpoint, 0, run_config)
         for iteration in range(run_config.iterations):
             rollout(layout, iteration, checkpoint, run_config)
             written = score(layout, iteration, checkpoint, run_config)
             checkpoint = update(layout, iteration, checkpoint, written, run_config)
-            if _should_evaluate(run_config, iteration + 1):
+            if pipeline.should_evaluate(run_config, iteration + 1):
                 evaluate(layout, checkpoint, iteration + 1, run_config)
             report(layout, iteration, plot=iteration == run_config.iterations - 1)
     return str(layout.run_dir)

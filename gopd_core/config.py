@@ -144,6 +144,12 @@ class RunConfig(_Frozen):
         4, ge=0, description="Models the run keeps loaded between stages (student, teachers, reference), so no "
                              "stage reloads weights another stage already holds; 0 loads every model from disk "
                              "each time (least memory). Results are the same either way.")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Write every k-th update's checkpoint (weights, AdamW state) to disk; with "
+                             "resident_models > 0 the others stay in memory only, until the next update changes "
+                             "them. The run's last checkpoint and every evaluated one are always written. A killed "
+                             "run resumes from the last written checkpoint, redoing the updates after it from the "
+                             "stored rollouts and scores. Results are the same for every k.")
     models: ModelsConfig
     sampling: SamplingConfig = SamplingConfig()
     update: UpdateConfig = UpdateConfig()

@@ -90,6 +90,10 @@ class _SampledTokenLogprob(torch.autograd.Function):
     turns the logits into softmax probabilities in place and the backward turns those into the
     logit gradient g * (onehot - p) in place, then runs the two matmuls: ~6 passes and one buffer,
     which matters once V is a real vocabulary (151,936 x 512 tokens is 311 MB of fp32).
+    With bf16 logits on an AVX512-BF16 CPU (the update under bf16 autocast) no float32 buffer at all: the
+    forward keeps the bf16 logits and their log-sum-exp (`native.logsumexp_bf16`) and the backward writes the
+    bf16 logit gradient in one native pass over them (`native.logprob_grad_bf16`), where the float32 way made
+    ~9 passes over an (N, V) float32 buffer (copy, max, exp, sum, divide, scale, cast).
     """
 
     @staticmethod
@@ -102,21 +106,30 @@ class _SampledTokenLogprob(torch.autograd.Function):
         logits_NV = torch.nn.functional.linear(hidden_mm, weight_mm,
                                                None if bias_V is None else bias_V.to(matmul_dtype))
         ctx.matmul_dtype, ctx.hidden_dtype, ctx.weight_dtype = matmul_dtype, hidden_NH.dtype, weight_VH.dtype
+        ctx.bias_dtype = None if bias_V is None else bias_V.dtype
+        ctx.native = _native_logsumexp(logits_NV)
+        if ctx.native:  # bf16 on AVX512-BF16: the logits stay bf16, the backward recomputes p from them in one pass
+            lse_N = native.logsumexp_bf16(logits_NV)
+            ctx.save_for_backward(hidden_mm, weight_mm, logits_NV, targets_N, lse_N)
+            return logits_NV.gather(1, targets_N[:, None]).squeeze(1).float() - lse_N
         probs_NV = logits_NV.float()
         chosen_N = probs_NV.gather(1, targets_N[:, None]).squeeze(1)
         top_N1, total_N1 = _exp_shifted_(probs_NV)
         probs_NV.div_(total_N1)
         ctx.save_for_backward(hidden_mm, weight_mm, probs_NV, targets_N)
-        ctx.bias_dtype = None if bias_V is None else bias_V.dtype
         return chosen_N - (top_N1 + total_N1.log()).squeeze(1)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
-        hidden_mm, weight_mm, probs_NV, targets_N = ctx.saved_tensors
-        grad_NV = probs_NV.mul_(-grad_N.float()[:, None])  # d logprob / d logits = onehot - p
-        grad_NV.scatter_add_(1, targets_N[:, None], grad_N.float()[:, None])
+        if ctx.native:
+            hidden_mm, weight_mm, logits_NV, targets_N, lse_N = ctx.saved_tensors
+            grad_NV = native.logprob_grad_bf16(logits_NV, lse_N, grad_N, targets_N)  # grad * (onehot - p), bf16
+        else:
+            hidden_mm, weight_mm, probs_NV, targets_N = ctx.saved_tensors
+            grad_NV = probs_NV.mul_(-grad_N.float()[:, None])  # d logprob / d logits = onehot - p
+            grad_NV.scatter_add_(1, targets_N[:, None], grad_N.float()[:, None])
         # CPU autocast is off inside a backward pass (custom_bwd restores only CUDA's), so cast here: the two
         # matmuls at a 151,936-token vocabulary took 0.84 s per update in fp32 on an AVX512-BF16 CPU
         grad_NV = grad_NV.to(ctx.matmul_dtype)

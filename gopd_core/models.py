@@ -41,17 +41,24 @@ class VocabularyMismatchError(ValueError):
     """Two models meant to score the same token ids do not share a vocabulary."""
 
 
-def check_model_dir(path: str | Path, what: str = "model") -> Path:
-    """Return `path` if it is a loadable HF directory, else raise naming what is missing."""
+def check_model_dir(path: str | Path, what: str = "model", weights: bool = True) -> Path:
+    """Return `path` if it is a loadable HF directory, else raise naming what is missing (`weights` False: all
+    but the weights, e.g. for its tokenizer)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelPathError(f"{what} path {path} does not exist (or is not a directory)")
     if not (path / "config.json").exists():
         raise ModelPathError(f"{what} path {path} has no config.json: not a Hugging Face model directory")
+    if not weights:
+        return path
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelPathError(f"{what} path {path} has no weights (*.safetensors): checkpoint missing its weights")
     # registry first: a deferred write removes the file before it leaves the registry
     if str(path.resolve()) not in _PENDING_WRITES and (path / PENDING_WEIGHTS_FILE).exists():
+        if not weights_kept(path):
+            raise ModelPathError(f"{what} path {path} was not kept on disk: the run's `checkpoint_every` kept its "
+                                 "weights in memory only, until the next update changed them (every checkpoint_every-"
+                                 "th iteration's checkpoint, the last one and every evaluated one are kept)")
         raise ModelPathError(f"{what} path {path}: its weights were never written ({PENDING_WEIGHTS_FILE} is "
                              "there): the run that saved it is still writing them in the background, or was "
                              "stopped before it could; resume that run to write them again")
@@ -198,7 +205,7 @@ class ResidentModels:
 
     def tokenizer(self, path: str | Path) -> PreTrainedTokenizerBase:
         """The tokenizer of model directory `path`; with capacity, one object per content (files otherwise read)."""
-        path = check_model_dir(path, "tokenizer")
+        path = check_model_dir(path, "tokenizer", weights=False)  # a checkpoint kept in memory only has its files
         if self.capacity <= 0:
             return _read_tokenizer(path)
         directory = path.resolve()
@@ -320,7 +327,13 @@ def _weights_stamp(path: Path) -> tuple:
 
 
 def model_hash(path: str | Path) -> str:
-    """Content hash (BLAKE3, 16 hex) of a model's weights and config: same bytes, same hash."""
+    """Content hash (BLAKE3, 16 hex) of a model's weights and config: same bytes, same hash.
+
+    A checkpoint kept in memory only (`hold_weights`) keeps its identity once its weights are gone: the hash
+    they were saved with, from its `PENDING_WEIGHTS_FILE`.
+    """
+    if str(Path(path).resolve()) not in _PENDING_WRITES and not weights_kept(path):
+        return pending_weights_hash(path)
     stamp = _weights_stamp(check_model_dir(path))
     known = _SAVED_HASHES.get(stamp)
     return known if known is not None else _hash_files(stamp)
@@ -353,7 +366,8 @@ def _content_hash(files) -> str:
 
 _SAVED_HASHES: dict[tuple, str] = {}  # stamp -> hash of a checkpoint `save_model` wrote, taken from memory
 _SAVE_LOCK = threading.Lock()  # `save_model` swaps a transformers function for the length of one save
-_PENDING_WRITES: dict[str, threading.Event] = {}  # checkpoint directory -> set once its deferred weights are on disk
+# checkpoint directory -> an Event set once its deferred weights are on disk, or its `HeldWeights`
+_PENDING_WRITES: dict[str, threading.Event | HeldWeights] = {}
 
 
 @dataclass
@@ -384,7 +398,8 @@ class SavedModel:
         fsync_dir(directory)
 
 
-def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool = False) -> SavedModel:
+def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool = False,
+               held: bool = False) -> SavedModel:
     """`save_pretrained` into `directory`, its safetensors written around the page cache, hashed from memory.
 
     transformers decides what is saved (tied weights dropped, shards, config); `storage.direct_io` writes the
@@ -393,6 +408,8 @@ def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool =
 
     defer_weights: `directory` gets each shard as a placeholder of its final size instead, plus
     `PENDING_WEIGHTS_FILE`; `defer_weights_write` registers the final directory and hands back the write.
+    held: with `defer_weights`, the weights are to stay in memory (`hold_weights`): the pending file says
+    they are not kept, so that a load after the run has moved on names the reason.
     """
     files: list[tuple[str, dict, dict | None, int]] = []
 
@@ -424,7 +441,7 @@ def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool =
         with open(directory / name, "wb") as placeholder:
             placeholder.truncate(size)  # sparse: no bytes written, the final size already
         os.utime(directory / name, ns=(saved.placeholders_mtime_ns, saved.placeholders_mtime_ns))
-    write_json_atomic(directory / PENDING_WEIGHTS_FILE, {"hash": saved.content_hash})
+    write_json_atomic(directory / PENDING_WEIGHTS_FILE, {"hash": saved.content_hash, **({"kept": False} if held else {})})
     return saved
 
 
@@ -454,6 +471,58 @@ def defer_weights_write(path: Path, saved: SavedModel) -> Callable[[], None]:
     return write
 
 
+class HeldWeights:
+    """A checkpoint's weights kept in the run's memory, not on disk (`hold_weights`): written only if something
+    asks for its files (`weights_written`: a vLLM reload, a load from disk) before the next update changes them."""
+
+    def __init__(self, path: Path, saved: SavedModel) -> None:
+        self.path, self.saved, self.key = path, saved, str(path.resolve())
+        self.lock = threading.Lock()
+
+    def write(self) -> None:
+        """Write the weights over their placeholders now (once; a no-op after `release_held_weights`)."""
+        with self.lock:
+            if _PENDING_WRITES.get(self.key) is not self:
+                return
+            self.saved.write_weights(self.path, self.saved.placeholders_mtime_ns)
+            (self.path / PENDING_WEIGHTS_FILE).unlink()  # before leaving the registry (see check_model_dir)
+            fsync_dir(self.path)
+            del _PENDING_WRITES[self.key]
+
+    def release(self) -> None:
+        with self.lock:
+            if _PENDING_WRITES.get(self.key) is self:
+                del _PENDING_WRITES[self.key]
+
+
+def hold_weights(path: Path, saved: SavedModel) -> None:
+    """Register checkpoint `path` (saved with `defer_weights` and `held`, renamed into place) as kept in memory.
+
+    Its hash is known now; until `release_held_weights(path)` (the next update, before it changes the weights)
+    `weights_written(path)` writes the weights from the model's own tensors on demand. Afterwards the
+    directory keeps its placeholders and `check_model_dir` says the checkpoint was not kept.
+    """
+    path = Path(path)
+    remember_model_hash(path, saved)
+    if saved.placeholders_mtime_ns is not None:  # else `save_model` wrote them at once
+        _PENDING_WRITES[str(path.resolve())] = HeldWeights(path, saved)
+
+
+def release_held_weights(path: str | Path) -> None:
+    """The model saved as held checkpoint `path` is about to change: its weights are no longer to be had."""
+    held = _PENDING_WRITES.get(str(Path(path).resolve()))
+    if isinstance(held, HeldWeights):
+        held.release()
+
+
+def weights_kept(path: str | Path) -> bool:
+    """False for a checkpoint saved as held (`hold_weights`) whose weights were never written."""
+    try:
+        return json.loads((Path(path) / PENDING_WEIGHTS_FILE).read_text()).get("kept", True)
+    except FileNotFoundError:
+        return True
+
+
 def remember_model_hash(path: Path, saved: SavedModel) -> None:
     """`model_hash(path)` from `saved` instead of reading the files back (for the stamp they have now)."""
     if saved.complete:
@@ -461,9 +530,12 @@ def remember_model_hash(path: Path, saved: SavedModel) -> None:
 
 
 def weights_written(path: str | Path) -> None:
-    """Wait until a deferred write of checkpoint `path`'s weights (`defer_weights_write`) is on disk."""
+    """Wait until a deferred write of checkpoint `path`'s weights (`defer_weights_write`) is on disk; write a
+    held checkpoint's (`hold_weights`) now."""
     pending = _PENDING_WRITES.get(str(Path(path).resolve()))
-    if pending is not None:
+    if isinstance(pending, HeldWeights):
+        pending.write()
+    elif pending is not None:
         pending.wait()
 
 

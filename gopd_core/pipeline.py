@@ -35,7 +35,8 @@ from gopd_core.training import (
     LossSettings,
     OptimizerSettings,
     ScoreSets,
-    checkpoint_complete,  # noqa: F401  (re-exported: the distill flow's update resume check)
+    checkpoint_complete,
+    checkpoint_not_kept,
     update_policy,
 )
 from storage.datasets import load_prompts
@@ -47,7 +48,7 @@ from storage.schemas import EVALS, PROMPTS, ROLLOUTS, UPDATES
 log = logging.getLogger(__name__)
 
 # config keys a resumed run may change: they do not change what is computed
-RESUMABLE_CHANGES = frozenset({"iterations", "resident_models", "keep_engine"})
+RESUMABLE_CHANGES = frozenset({"iterations", "resident_models", "keep_engine", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
@@ -281,9 +282,46 @@ def update_stage(layout: RunLayout, iteration: int, checkpoint: Path, written: d
         optimizer_settings=OptimizerSettings(update.lr, update.weight_decay, update.warmup_steps,
                                              update.max_grad_norm),
         minibatches=update.minibatches, micro_token_budget=update.micro_token_budget, seed=config.seed,
-        device=config.device, score_chunk_rows=config.score_chunk_rows, precision=update.precision)
+        device=config.device, score_chunk_rows=config.score_chunk_rows, precision=update.precision,
+        keep_checkpoint=keeps_checkpoint(config, iteration))
     write_shard(step_rows, layout.updates_path(iteration), UPDATES)
     return new_checkpoint
+
+
+def should_evaluate(config: RunConfig, updates_done: int) -> bool:
+    """Whether the distill flow evaluates the checkpoint after `updates_done` updates (0: the student)."""
+    if not config.data.test:
+        return False
+    every = config.eval.every
+    return updates_done in (0, config.iterations) or (every > 0 and updates_done % every == 0)
+
+
+def keeps_checkpoint(config: RunConfig, iteration: int) -> bool:
+    """Whether update `iteration` writes its checkpoint to disk: every `checkpoint_every`-th, the run's last,
+    and any the flow evaluates; the others stay in memory (`training.save_checkpoint(keep=False)`) where the
+    run keeps its models resident."""
+    done = iteration + 1
+    return (config.resident_models == 0 or done % config.checkpoint_every == 0 or done >= config.iterations
+            or should_evaluate(config, done))
+
+
+def update_complete(layout: RunLayout, iteration: int) -> Callable[[Path], bool]:
+    """`run_once`'s `complete` for update `iteration`: its checkpoint is whole, or was kept in memory only
+    (`keeps_checkpoint`) and a later update's whole checkpoint is recorded, which the run goes on from, so
+    redoing this one (from stored rollouts and scores) would serve nothing."""
+    def complete(checkpoint: Path) -> bool:
+        if checkpoint_complete(checkpoint):
+            return True
+        if not checkpoint_not_kept(checkpoint):
+            return False
+        later = iteration + 1
+        while (recorded := layout.done_info(later, "update")) is not None:
+            if checkpoint_complete(Path(recorded["result"])):
+                return True
+            later += 1
+        return False
+
+    return complete
 
 
 def evaluate_stage(layout: RunLayout, checkpoint: Path, iteration: int | None, *, n_samples: int = 4, k: int = 4,

@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 from gopd_core.attention import attention_kernels, cpu_attention, packed_rows, packs_rows
 from gopd_core.hardware import PRECISIONS, compute_dtype
 from gopd_core.head_logprobs import sampled_token_logprobs
-from gopd_core.models import defer_weights_write, load_tokenizer, resident_models, save_model
+from gopd_core.models import (
+    defer_weights_write,
+    hold_weights,
+    load_tokenizer,
+    release_held_weights,
+    resident_models,
+    save_model,
+)
 from gopd_core.objectives import OBJECTIVES, gopd_advantages, select_teacher_logprobs
 from gopd_core.scoring import pack_rows, plan_microbatches, plan_packs, store_scores
 from storage.direct_io import page_aligned, write_torch
@@ -299,14 +306,15 @@ def update_policy(
     reference_role: str = "reference", loss_settings: LossSettings = LossSettings(),
     optimizer_settings: OptimizerSettings = OptimizerSettings(), minibatches: int = 1,
     micro_token_budget: int = 4096, seed: int = 0, device: str = "cpu", progress: bool = True,
-    score_chunk_rows: int = 256, precision: str = "auto",
+    score_chunk_rows: int = 256, precision: str = "auto", keep_checkpoint: bool = True,
 ) -> tuple[Path, list[dict]]:
     """Run one iteration's update and write checkpoint `layout.checkpoint_dir(iteration)`.
 
     With `score_sets.student` None (only with one minibatch), the student's log-probs come from the
     update's forward pass and are stored as the student's score set (in `score_chunk_rows` shards,
     as the scoring stage would have written them). `precision` (see `autocast_dtype`) sets the matmul
-    dtype of the forward and backward passes; the weights and AdamW state stay float32.
+    dtype of the forward and backward passes; the weights and AdamW state stay float32. `keep_checkpoint`
+    False (the run's `checkpoint_every`) keeps the new checkpoint in memory only (`save_checkpoint`).
     Returns (checkpoint path, one metrics dict per optimizer step, in the `updates` schema).
     """
     if score_sets.student is None and minibatches != 1:
@@ -318,6 +326,7 @@ def update_policy(
         raise ValueError(f"iteration {iteration} of {layout.run_dir} has no non-empty rollouts to train on")
     torch.manual_seed(seed + iteration)
     model, resident = resident_models().take(model_path, dtype=torch.float32, device=device)  # trained in place
+    release_held_weights(model_path)  # a checkpoint kept in memory only goes with the weights this update changes
     model.train()
     if "optimizer" not in resident:
         resident_models().wait()  # the previous update's deferred optimizer state is read back from disk
@@ -352,7 +361,7 @@ def update_policy(
     if score_sets.student is None:
         store_scores(layout, iteration, rollout_shards(layout, iteration), model_path, "student", scored,
                      chunk_rows=score_chunk_rows, precision=str(autocast or torch.float32).removeprefix("torch."))
-    checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step)
+    checkpoint = save_checkpoint(layout, iteration, model, optimizer, model_path, global_step, keep=keep_checkpoint)
     model.zero_grad(set_to_none=True)
     resident_models().put(checkpoint, model, optimizer=optimizer, global_step=global_step)  # the next rollout starts here
     log.info("update it%d: %d steps, loss %.4f, wrote %s", iteration, len(step_rows), step_rows[-1]["loss"], checkpoint)
@@ -386,7 +395,16 @@ def checkpoint_complete(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / OPTIMIZER_FILE).exists() and (Path(checkpoint) / TRAINER_STATE_FILE).exists()
 
 
-def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent: str | Path, global_step: int) -> Path:
+def checkpoint_not_kept(checkpoint: str | Path) -> bool:
+    """Whether the update saved `checkpoint` to stay in memory only (`save_checkpoint(keep=False)`)."""
+    try:
+        return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text()).get("kept", True) is False
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent: str | Path, global_step: int,
+                    keep: bool = True) -> Path:
     """HF directory (config, tokenizer, weights) renamed into place as a whole; then optimizer and trainer state.
 
     When the run keeps models resident, the weights' bytes, the optimizer and the trainer state are written
@@ -395,17 +413,29 @@ def save_checkpoint(layout: RunLayout, iteration: int, model, optimizer, parent:
     The directory then holds placeholders of the weights' final size until their write lands
     (`models.defer_weights_write`: the hash is known at once, loads from disk wait for the write);
     `checkpoint_complete` tells a finished checkpoint from one whose deferred part never landed.
+
+    keep False, when the run keeps models resident: nothing is written but the config, the tokenizer,
+    `trainer_state.json` (saying `"kept": false`) and the weights' placeholders; the weights stay the
+    model's in memory (`models.hold_weights`: written on demand until the next update changes them) and the
+    AdamW state is never written. Such a checkpoint is not `checkpoint_complete`: a resumed run redoes its
+    update from stored rollouts and scores unless a later kept checkpoint has made it unneeded.
     """
     final = layout.checkpoint_dir(iteration)
     _page_align(model, optimizer)
     deferred = resident_models().capacity > 0
-    with atomic_directory(final) as staging:
-        saved = save_model(model, staging, defer_weights=deferred)
-        load_tokenizer(parent).save_pretrained(str(staging))
-    write_weights = defer_weights_write(final, saved)
-    state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
+    keep = keep or not deferred  # without resident models the next stage loads it from disk
     trainer_state = {"global_step": global_step, "iteration": iteration, "run_id": layout.run_id,
                      "parent": str(parent)}
+    with atomic_directory(final) as staging:
+        saved = save_model(model, staging, defer_weights=deferred, held=not keep)
+        load_tokenizer(parent).save_pretrained(str(staging))
+        if not keep:
+            write_json_atomic(staging / TRAINER_STATE_FILE, {**trainer_state, "kept": False})
+    if not keep:
+        hold_weights(final, saved)
+        return final
+    write_weights = defer_weights_write(final, saved)
+    state = optimizer.state_dict()  # references the live tensors: only the next optimizer.step changes them
 
     def finish() -> None:
         write_weights()  # first: a reload of this checkpoint from disk waits for it

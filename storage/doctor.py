@@ -3,7 +3,8 @@
 Problems found:
 - a Parquet shard that cannot be read in full (truncated, corrupted, not Parquet, wrong columns);
 - a checkpoint directory missing its config or weights, with unreadable safetensors, or whose
-  weights were never written (an update stopped before its deferred write);
+  weights were never written (an update stopped before its deferred write; a checkpoint the run's
+  `checkpoint_every` kept in memory only is not a problem);
 - stale temporaries left by a killed writer (hidden `.*.tmp-*` files, `.*.staging-*` directories).
 
 Quarantine moves a broken shard under `_quarantine/` (same relative path) and drops the completion
@@ -54,7 +55,14 @@ def check_checkpoint(directory: Path) -> str | None:
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         return "missing its weights (*.safetensors)"
-    if (directory / PENDING_WEIGHTS_FILE).exists():
+    pending = directory / PENDING_WEIGHTS_FILE
+    if pending.exists():
+        try:
+            kept = json.loads(pending.read_text()).get("kept", True)
+        except (ValueError, OSError):
+            kept = True
+        if not kept:  # the run's `checkpoint_every` kept it in memory only: nothing is broken
+            return None
         return f"its weights were never written ({PENDING_WEIGHTS_FILE}: the update stopped before its deferred write)"
     for path in weights:
         try:

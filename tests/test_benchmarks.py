@@ -50,16 +50,21 @@ def test_gpu_stages_benchmark_smoke_runs_every_stage_on_the_cpu(tmp_path):
 
 def test_field_step_profile_splits_scoring_and_update_into_matmuls_and_the_rest(tmp_path):
     # gopd's side of benchmarks/field_gkd.py on tiny models: its extra profiled step reports, per stage, the
-    # matmuls' seconds and every other op's, all within the stage's wall
+    # matmuls' seconds and every other op's, all within the stage's wall. With field_gkd's matched
+    # `checkpoint_every` (no checkpoint in the measured steps, as TRL) only the last update, the profiled one, writes
+    from benchmarks.field_gkd import MATCHED_CHECKPOINT_EVERY
+
     world = build_world(tmp_path / "world")
     settings = {"student": str(world.models["student"]), "teacher": str(world.models["teacher_math"]),
                 "prompts": str(world.data["train"][0]), "batch": 2, "max_new_tokens": 4, "steps": 1, "lr": 1e-4,
-                "threads": 2, "seed": 0, "scratch": str(tmp_path), "profile_step": True}
+                "threads": 2, "seed": 0, "scratch": str(tmp_path), "profile_step": True,
+                "checkpoint_every": MATCHED_CHECKPOINT_EVERY}
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "field_gkd_gopd.py"), str(tmp_path / "settings.json")],
                           check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     assert len(result["step_s"]) == 1  # the profiled step is not among the measured ones
+    assert result["checkpoints_written"] == [2]  # warm-up 0 and measured 1 kept theirs in memory
     assert set(result["profile"]) == {"score", "update"}
     for stage in result["profile"].values():
         assert stage["matmul_s"] > 0 and stage["other_ops_s"] > 0
@@ -85,6 +90,16 @@ def test_field_profile_text_bounds_a_step_with_nothing_but_matmuls():
     assert "update 0.60 s = matmuls 0.30 s + other ops 0.20 s (largest: `aten::copy_` 100 ms)" in text
     assert "would take 0.80 s a step" in text and "2.25x TRL's faster step" in text
     assert _field_profile({"gopd": {}, "trl": {"median_step_s": 2.0}}, rollout_s=0.3) == ""
+
+
+def test_field_rows_give_gopd_writing_a_checkpoint_every_step_beside_the_matched_step():
+    from benchmarks.perf_report import _every_step_cell, _every_step_text
+
+    result = {"speedup_checkpoint_every_step": 2.2, "speedup_same_allocator_checkpoint_every_step": 1.95,
+              "gopd_checkpoint_every_step": {"median_step_s": 1.234}}
+    assert _every_step_cell(result) == "1.23 (1.95x)"  # the smaller of the two speedups
+    assert "1.23 s, 1.95x vs TRL's faster step" in _every_step_text(result)
+    assert _every_step_cell({}) == "n/a" and "not measured" in _every_step_text({})
 
 
 def test_tokenizer_reads_benchmark_counts_a_runs_calls_and_reads(tmp_path):

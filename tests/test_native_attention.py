@@ -224,6 +224,53 @@ def test_bf16_logsumexp_keeps_torchs_special_values_and_refuses_other_inputs():
 
 
 @needs_bf16
+@pytest.mark.parametrize("rows, vocab", [(3, 1), (5, 17), (7, 259), (4, 32000), (2, 151936)])
+def test_bf16_logprob_gradient_matches_the_float32_way(rows, vocab):
+    # grad_n * (onehot(target_n) - softmax(logits_n)), as the head's float32 backward computes it before its
+    # bf16 cast: equal up to one bf16 rounding step (the exponentials differ in their last float32 bits)
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(rows, 2 * vocab, generator=generator) * 4).bfloat16()[:, vocab // 2: vocab // 2 + vocab]
+    targets, upstream = torch.randint(0, vocab, (rows,), generator=generator), torch.randn(rows, generator=generator)
+    got = native.logprob_grad_bf16(logits, native.logsumexp_bf16(logits), upstream, targets)
+    probs = logits.float().softmax(-1)
+    expected = (probs * -upstream[:, None]).scatter_add_(1, targets[:, None], upstream[:, None]).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, vocab) and got.is_contiguous()
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-30, rtol=2 ** -7)
+    masked = logits.clone()
+    masked[:, : vocab // 2] = float("-inf")  # e.g. a masked vocabulary: exactly zero gradient there
+    grad = native.logprob_grad_bf16(masked, native.logsumexp_bf16(masked), upstream, targets.clamp(min=vocab // 2))
+    assert torch.equal(grad[:, : vocab // 2].float(), torch.zeros(rows, vocab // 2))
+    with pytest.raises(ValueError, match="bf16 CPU logits"):
+        native.logprob_grad_bf16(logits.float(), native.logsumexp_bf16(logits), upstream, targets)
+
+
+@needs_bf16
+def test_the_bf16_head_backward_takes_the_native_gradient(monkeypatch):
+    # the update's head under bf16 autocast keeps bf16 logits and recomputes p in the native pass; the float32
+    # way (monkeypatched off) gives the same gradients up to bf16 rounding
+    head, hidden = _Head(64, 3000), torch.randn(11, 64)
+    targets, upstream = torch.randint(0, 3000, (11,)), torch.randn(11)
+
+    def gradients():
+        hidden_NH = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_N = sampled_token_logprobs(head, hidden_NH, targets)
+        (got_N * upstream).sum().backward()
+        return got_N.detach(), hidden_NH.grad, head.lm_head.weight.grad.clone()
+
+    calls, kernel = [], native.logprob_grad_bf16
+    monkeypatch.setattr(native, "logprob_grad_bf16", lambda *args: calls.append(1) or kernel(*args))
+    fused = gradients()
+    assert calls
+    monkeypatch.setattr(head_logprobs, "_native_logsumexp", lambda logits: False)
+    plain = gradients()
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-4, rtol=1e-5)
+    for one, other in zip(fused[1:], plain[1:]):
+        torch.testing.assert_close(one, other, atol=2e-3, rtol=2e-2)
+
+
+@needs_bf16
 def test_bf16_scoring_takes_the_fused_logsumexp(monkeypatch):
     model, sequences = bf16_llama(heads=2, kv_heads=2, seed=3), random_rows(4, seed=3)
     calls, kernel = [], native.logsumexp_bf16

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gopd_core.rollout import native
 from gopd_core.rollout.sampling import TokenSampler, block_sums, draw_tokens, top_p_filter
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 
 
 def _within_4_sigma(draws: torch.Tensor, probs_V: torch.Tensor) -> None:
@@ -80,7 +83,43 @@ def test_greedy_and_nucleus_sampling():
     assert set(drawn.tolist()) == {1, 3}
 
 
-def test_a_decode_step_reuses_the_workspace_as_rows_leave():
+def _torch_way(monkeypatch) -> None:
+    monkeypatch.setattr(native, "available", lambda: False)
+
+
+@needs_native
+@pytest.mark.parametrize("vocab, rows", [(7, 300), (259, 64), (2500, 64), (32000, 8), (151936, 4)])
+def test_the_native_draw_is_the_torch_draw(monkeypatch, vocab, rows):
+    # same generator, same uniforms: the same tokens but where a uniform falls within rounding of a token's edge
+    # (the native block sums are float64, torch's float32), and the same raw log-probs to float32 rounding
+    logits = torch.randn(20, rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    logits[:, :, : vocab // 3] = float("-inf")  # never drawn: exactly zero weight
+    fast = TokenSampler(1.0, 1.0, torch.Generator().manual_seed(5))
+    drawn, logprobs = map(torch.cat, zip(*(fast(step) for step in logits)))
+    assert fast._workspace is None  # the native way: no workspace, no torch draw
+    _torch_way(monkeypatch)
+    slow = TokenSampler(1.0, 1.0, torch.Generator().manual_seed(5))
+    expected, expected_logprobs = map(torch.cat, zip(*(slow(step) for step in logits)))
+    assert (drawn != expected).sum() <= 1 and (drawn >= vocab // 3).all()
+    same = drawn == expected
+    torch.testing.assert_close(logprobs[same], expected_logprobs[same], atol=2e-6, rtol=1e-6)
+
+
+@needs_native
+def test_rows_with_non_finite_logits_take_the_torch_way_from_the_same_generator_state(monkeypatch):
+    logits = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 2, 7] = float("nan")  # the second step has a NaN row
+    fast = TokenSampler(1.0, 1.0, torch.Generator().manual_seed(1))
+    got = [fast(step) for step in logits]
+    _torch_way(monkeypatch)
+    slow = TokenSampler(1.0, 1.0, torch.Generator().manual_seed(1))
+    for (tokens, logprobs), (expected, expected_logprobs) in zip(got, (slow(step) for step in logits)):
+        assert torch.equal(tokens, expected)
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=2e-6, rtol=1e-6, equal_nan=True)
+
+
+def test_a_decode_step_reuses_the_workspace_as_rows_leave(monkeypatch):
+    _torch_way(monkeypatch)  # the native draw keeps no workspace
     sampler = TokenSampler(1.0, 1.0, torch.Generator().manual_seed(0))
     sampler(torch.randn(8, 3000))
     workspace = sampler._workspace

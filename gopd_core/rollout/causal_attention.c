@@ -233,3 +233,41 @@ AVX512BF16 void logsumexp_bf16(const uint16_t *logits, int64_t N, int64_t V, int
         out[n] = peak + logf(_mm512_reduce_add_ps(total));
     }
 }
+
+/* The update's gradient of g[n] * log softmax(logits[n])[target[n]] with respect to bf16 logits, in bf16:
+ * out[n, v] = -g[n] * e^(logits[n, v] - lse[n]), plus g[n] at v = target[n] (added in float32 before rounding,
+ * as torch's float32 softmax gradient then cast would), rounded to nearest even. lse: the rows' log-sum-exp
+ * (`logsumexp_bf16`). One pass over the logits and one write of the gradient, both bf16, where the float32
+ * way copies, exponentiates, scales and casts a float32 (N, V) buffer. out is (N, V) contiguous. */
+AVX512BF16 void logprob_grad_bf16(const uint16_t *logits, int64_t N, int64_t V, int64_t stride, const float *lse,
+                                  const float *grad, const int64_t *targets, uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint16_t *row = logits + n * stride;
+        uint16_t *o = out + n * V;
+        const int64_t full = V / 16 * 16, target = targets[n];
+        const __mmask16 tail = (__mmask16)((1u << (V - full)) - 1u);
+        const __m512 shift = _mm512_set1_ps(lse[n]), scale = _mm512_set1_ps(-grad[n]), floor = _mm512_set1_ps(-87.3f);
+        for (int64_t v = 0; v < full; v += 16) {
+            __m512 x = _mm512_sub_ps(load_bf16(row + v), shift);
+            __m512 y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, floor, _CMP_GE_OQ), _mm512_mul_ps(exp16(x), scale));
+            _mm256_storeu_si256((__m256i *)(o + v), (__m256i)_mm512_cvtneps_pbh(y));
+        }
+        if (tail) {
+            __m512 x = _mm512_sub_ps(load_bf16_tail(row + full, tail, 0.0f), shift);
+            __m512 y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, floor, _CMP_GE_OQ) & tail, _mm512_mul_ps(exp16(x), scale));
+            _mm256_mask_storeu_epi16(o + full, tail, (__m256i)_mm512_cvtneps_pbh(y));
+        }
+        if (target >= 0 && target < V) {  /* (-g p_t) + g in float32, then rounded, as the float32 way */
+            float x = 0.0f;
+            const uint32_t bits = (uint32_t)row[target] << 16;
+            memcpy(&x, &bits, sizeof x);
+            float p = x - lse[n] >= -87.3f ? expf(x - lse[n]) : 0.0f;
+            float value = p * -grad[n] + grad[n];
+            uint32_t word;
+            memcpy(&word, &value, sizeof word);
+            if ((word & 0x7fffffffu) > 0x7f800000u) o[target] = (uint16_t)((word >> 16) | 0x40u);
+            else o[target] = (uint16_t)((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+        }
+    }
+}

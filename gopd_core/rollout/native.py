@@ -120,6 +120,10 @@ def _library() -> ctypes.CDLL | None:
     library.causal_attention_bf16.restype = ctypes.c_int
     library.pack_blocks.argtypes = [pointer, size, size, ctypes.c_int, pointer, ctypes.c_int]
     library.logsumexp_bf16.argtypes = [pointer, size, size, size, pointer, ctypes.c_int]
+    library.logprob_grad_bf16.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, ctypes.c_int]
+    library.logprob_grad_bf16.restype = None
+    library.sample_rows.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer, ctypes.c_int]
+    library.sample_rows.restype = ctypes.c_int
     library.pack_blocks.restype = None
     library.decode_layer.argtypes = [ctypes.POINTER(_LayerConstants), pointer, size, pointer, pointer, pointer, pointer,
                                      size, size, size, pointer, size, ctypes.c_int, ctypes.c_int]
@@ -370,6 +374,47 @@ def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
         _library().logsumexp_bf16(logits_NV.data_ptr(), logits_NV.shape[0], logits_NV.shape[1], logits_NV.stride(0),
                                   out_N.data_ptr(), torch.get_num_threads())
     return out_N
+
+
+def sample_rows(logits_BV: torch.Tensor, uniforms_B: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One token per row from softmax(logits) (temperature 1, no top-p) by `sampling`'s two-level inverse CDF at
+    the given float64 uniforms, and the tokens' raw log-probs: (tokens_B int64, logprobs_B float32), or None
+    where a row's logits are not all finite (NaN, +inf, all -inf). (B, V) contiguous float32 CPU logits."""
+    if logits_BV.dtype != torch.float32 or logits_BV.device.type != "cpu" or not logits_BV.is_contiguous():
+        raise ValueError(f"sample_rows takes contiguous float32 CPU logits, got {logits_BV.dtype} on {logits_BV.device}")
+    if not 1 <= block <= 1024:
+        raise ValueError(f"sample_rows takes blocks of 1 to 1024 entries, got {block}")
+    rows, vocab = logits_BV.shape
+    uniforms_B = uniforms_B.to(torch.float64).contiguous()
+    tokens_B, logprobs_B = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+    sums = torch.empty(rows * -(-vocab // block), dtype=torch.float64)
+    if vocab == 0 or _library().sample_rows(logits_BV.data_ptr(), rows, vocab, uniforms_B.data_ptr(), block,
+                                            sums.data_ptr(), tokens_B.data_ptr(), logprobs_B.data_ptr(),
+                                            torch.get_num_threads()):
+        return None
+    return tokens_B, logprobs_B
+
+
+def logprob_grad_bf16(logits_NV: torch.Tensor, lse_N: torch.Tensor, grad_N: torch.Tensor,
+                      targets_N: torch.Tensor) -> torch.Tensor:
+    """d (sum_n grad_n log softmax(logits_n)[target_n]) / d logits, (N, V) bf16 from (N, V) bf16 CPU logits and
+    their float32 log-sum-exp (`logsumexp_bf16`): grad_n * (onehot - softmax), in one native pass
+    (`causal_attention.c`; AVX512-BF16 CPUs)."""
+    if logits_NV.dtype != torch.bfloat16 or logits_NV.device.type != "cpu" or logits_NV.dim() != 2:
+        raise ValueError(f"logprob_grad_bf16 takes (N, V) bf16 CPU logits, got {tuple(logits_NV.shape)} "
+                         f"{logits_NV.dtype} on {logits_NV.device}")
+    if not bf16_available():
+        raise ValueError(f"logprob_grad_bf16 needs AVX512-BF16 ({unavailable_reason() or 'not reported by this CPU'})")
+    if logits_NV.shape[1] and logits_NV.stride(1) != 1:
+        logits_NV = logits_NV.contiguous()
+    lse_N, grad_N = (t.detach().to(torch.float32).contiguous() for t in (lse_N, grad_N))
+    targets_N = targets_N.to(torch.int64).contiguous()
+    out_NV = torch.empty(logits_NV.shape, dtype=torch.bfloat16)
+    if out_NV.numel():
+        _library().logprob_grad_bf16(logits_NV.data_ptr(), logits_NV.shape[0], logits_NV.shape[1], logits_NV.stride(0),
+                                     lse_N.data_ptr(), grad_N.data_ptr(), targets_N.data_ptr(), out_NV.data_ptr(),
+                                     torch.get_num_threads())
+    return out_NV
 
 
 class _LayerConstants(ctypes.Structure):

@@ -149,6 +149,107 @@ static float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
+/* e^(x - top) for 8 floats, exactly 0 below e^-87.3 (exp8 clamps there; -inf logits must weigh nothing). */
+static inline __m256 shifted_exp8(__m256 x, __m256 shift) {
+    __m256 d = _mm256_sub_ps(x, shift);
+    return _mm256_and_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-87.3f), _CMP_GE_OQ), exp8(d));
+}
+
+/* e^(x[i] - top) for the n <= 1024 entries from x, into w: the one exponential `sample_rows` sums and walks. */
+static void shifted_exps(const float *x, int64_t n, float top, float *w) {
+    const __m256 shift = _mm256_set1_ps(top);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(w + i, shifted_exp8(_mm256_loadu_ps(x + i), shift));
+    if (i < n) {
+        float in[8] = {0}, out[8];
+        memcpy(in, x + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(out, shifted_exp8(_mm256_loadu_ps(in), shift));
+        memcpy(w + i, out, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+/* One token per row of (B, V) float32 logits drawn from softmax(logits) (temperature 1, no top-p) by the two-level
+ * inverse CDF of rollout/sampling.py, in one call: per block of `block` (<= 1024) entries the float64 sum of
+ * e^(x - max), their cumulative sum picks a block at uniforms[b] * total, the float64 cumulative sum inside
+ * it picks the token; a draw never steps past the last token of positive weight (of the row, then of the block).
+ * logprobs[b] = (x[token] - max) - log(total), the raw log-prob. sums: B * ceil(V / block) doubles of scratch.
+ * Returns 0, or 1 if some row's logits are not all finite numbers below +inf (the caller then takes torch's way). */
+int sample_rows(const float *logits, int64_t B, int64_t V, const double *uniforms, int64_t block, double *sums,
+                int64_t *tokens, float *logprobs, int threads) {
+    const int64_t blocks = (V + block - 1) / block;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad)
+    for (int64_t b = 0; b < B; ++b) {
+        const float *x = logits + b * V;
+        double *cdf = sums + b * blocks;
+        float w[1024];
+        __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+        int64_t v = 0;
+        for (; v + 8 <= V; v += 8) {
+            const __m256 value = _mm256_loadu_ps(x + v);
+            nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(value, value, _CMP_UNORD_Q));  /* max_ps drops NaNs */
+            top8 = _mm256_max_ps(top8, value);
+        }
+        float top8s[8], top = -INFINITY;
+        int nan = _mm256_movemask_ps(nan8) != 0;
+        _mm256_storeu_ps(top8s, top8);
+        for (int j = 0; j < 8; ++j) top = top8s[j] > top ? top8s[j] : top;
+        for (; v < V; ++v) {
+            nan |= isnan(x[v]);
+            top = x[v] > top ? x[v] : top;
+        }
+        if (nan || !isfinite(top)) {
+            bad = 1;
+            continue;
+        }
+        double running = 0.0;
+        for (int64_t k = 0; k < blocks; ++k) {
+            const int64_t first = k * block, n = first + block < V ? block : V - first;
+            shifted_exps(x + first, n, top, w);
+            __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();  /* float64 lanes: no serial chain */
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                const __m256 eight = _mm256_loadu_ps(w + i);
+                low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(eight)));
+                high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(eight, 1)));
+            }
+            double lanes[4], mass = 0.0;
+            _mm256_storeu_pd(lanes, _mm256_add_pd(low, high));
+            for (int j = 0; j < 4; ++j) mass += lanes[j];
+            for (; i < n; ++i) mass += (double)w[i];
+            running += mass;
+            cdf[k] = running;
+        }
+        const double total = cdf[blocks - 1];
+        if (!(total > 0.0) || !isfinite(total)) {  /* a NaN logit makes the sums NaN */
+            bad = 1;
+            continue;
+        }
+        const double target = uniforms[b] * total;
+        int64_t chosen = 0, last = 0;
+        for (int64_t k = 0; k < blocks; ++k) {
+            chosen += cdf[k] <= target;
+            last += cdf[k] < total;
+        }
+        chosen = chosen < last ? chosen : last;
+        const double before = chosen > 0 ? cdf[chosen - 1] : 0.0, inner = target - before;
+        const int64_t first = chosen * block, n = first + block < V ? block : V - first;
+        shifted_exps(x + first, n, top, w);
+        double walked = 0.0, mass = 0.0;
+        for (int64_t i = 0; i < n; ++i) mass += (double)w[i];
+        int64_t offset = 0, inner_last = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            walked += (double)w[i];
+            offset += walked <= inner;
+            inner_last += walked < mass;
+        }
+        const int64_t token = first + (offset < inner_last ? offset : inner_last);
+        tokens[b] = token;
+        logprobs[b] = (float)((double)(x[token] - top) - log(total));
+    }
+    return bad;
+}
+
 /* 8 cached floats at x + i: float32, or bf16 (kv16) widened exactly (a bf16 is a float's upper half). */
 static inline __attribute__((always_inline)) __m256 load_kv(const void *x, int64_t i, const int kv16) {
     if (kv16)
