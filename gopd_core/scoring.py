@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gopd_core.attention import attention_kernels, cpu_attention, packed_rows, packs_rows
+from gopd_core.fused_layers import fused_layers
 from gopd_core.head_logprobs import chosen_logprobs, logit_transform
 from gopd_core.models import (
     best_dtype,
@@ -226,7 +227,7 @@ def response_logprobs(
     plan = (plan_packs(lengths, token_budget) if packed
             else plan_microbatches(lengths, token_budget, batch_overhead_tokens))
     # bf16 on AVX512-BF16 CPUs: the native kernel instead of SDPA; on CUDA, SDPA without cuDNN's
-    with cpu_attention(model), attention_kernels(device):
+    with cpu_attention(model), attention_kernels(device), fused_layers(model):
         for batch in plan:
             rows = [sequences[scored[j]] for j in batch]
             if packed:  # rows end to end in one sequence, attending within themselves: no padding at all

@@ -439,3 +439,46 @@ def test_rows_longer_than_the_native_training_limit_keep_sdpa(monkeypatch):
     assert not calls
     packed_backward(llama_with_heads_of(16, seed=8), [5, 17, 20], autocast=False)
     assert len(calls) == 2
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", [(1, 7, 40), (2, 33, 768), (1, 5, 3, 32)])  # a short last block; q_norm-like heads
+def test_the_fused_bf16_norm_is_transformers_bit_for_bit(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(shape[-1], eps=1e-6).bfloat16()
+    norm.weight.data = (torch.randn(shape[-1], generator=torch.Generator().manual_seed(1)) * 0.3 + 1).bfloat16()
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(native.rms_norm_bf16(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+@needs_bf16
+@pytest.mark.parametrize("count", [5, 16, 761 * 1408 + 3])
+def test_the_fused_bf16_swiglu_is_torchs_bit_for_bit(count):
+    gate, up = (torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 4 for seed in (3, 4))
+    gate, up = gate.bfloat16(), up.bfloat16()
+    assert torch.equal(native.swiglu_bf16(gate, up), F.silu(gate) * up)
+
+
+@needs_bf16
+def test_bf16_scoring_takes_the_fused_norms_and_mlps_only_inside_its_block(monkeypatch):
+    from gopd_core import fused_layers
+
+    model, sequences = bf16_llama(heads=2, kv_heads=2, seed=5), random_rows(4, seed=5)
+    calls = {"norm": 0, "mlp": 0}
+    norm_kernel, mlp_kernel = native.rms_norm_bf16, native.swiglu_bf16
+    monkeypatch.setattr(native, "rms_norm_bf16", lambda *a: calls.__setitem__("norm", calls["norm"] + 1) or norm_kernel(*a))
+    monkeypatch.setattr(native, "swiglu_bf16", lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1) or mlp_kernel(*a))
+    fused = response_logprobs(model, sequences)
+    assert calls == {"norm": 2 * 2 + 1, "mlp": 2}  # one pass: 2 layers x 2 norms + the final norm, 2 MLPs
+    assert not any("forward" in module.__dict__ for module in model.modules())  # nothing outlives the block
+    monkeypatch.setattr(fused_layers, "applies", lambda model: False)
+    plain = response_logprobs(model, sequences)
+    assert calls == {"norm": 5, "mlp": 2}
+    # the same roundings layer by layer; the variance's float32 sum may round differently and move later bf16 steps
+    assert max(np.abs(a - b).max() for a, b in zip(fused, plain, strict=True)) < 0.05
+    with torch.enable_grad(), fused_layers.fused_layers(model):  # training: the modules as they are
+        model.train()
+        model(torch.tensor([[5, 6, 7]])).logits.float().sum().backward()
+    assert calls == {"norm": 5, "mlp": 2}

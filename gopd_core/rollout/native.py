@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from gopd_core.hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("small_gemm.c", "causal_attention.c", "training_attention.c"))
+                for name in ("small_gemm.c", "causal_attention.c", "training_attention.c", "fused_ops.c"))
 HEADERS = (Path(__file__).with_name("exp16.h"),)  # included by the sources: part of the build's hash
 BLOCK = 16  # output columns per weight block, as in small_gemm.c
 CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the decode kernels read a KV cache in
@@ -124,6 +124,9 @@ def _library() -> ctypes.CDLL | None:
     library.logprob_grad_bf16.restype = None
     library.sample_rows.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer, ctypes.c_int]
     library.sample_rows.restype = ctypes.c_int
+    library.rms_norm_bf16.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer, ctypes.c_int]
+    library.swiglu_bf16.argtypes = [pointer, pointer, size, pointer, ctypes.c_int]
+    library.rms_norm_bf16.restype = library.swiglu_bf16.restype = None
     library.pack_blocks.restype = None
     library.decode_layer.argtypes = [ctypes.POINTER(_LayerConstants), pointer, size, pointer, pointer, pointer, pointer,
                                      size, size, size, pointer, size, ctypes.c_int, ctypes.c_int]
@@ -374,6 +377,25 @@ def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
         _library().logsumexp_bf16(logits_NV.data_ptr(), logits_NV.shape[0], logits_NV.shape[1], logits_NV.stride(0),
                                   out_N.data_ptr(), torch.get_num_threads())
     return out_N
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm of contiguous bf16 CPU `x` over its last dim with a bf16 weight, no gradient
+    (`fused_ops.c`; AVX512-BF16 CPUs)."""
+    n = x.shape[-1]
+    rows = x.numel() // max(1, n)
+    y = torch.empty_like(x)
+    if rows:
+        _library().rms_norm_bf16(x.data_ptr(), rows, n, weight.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def swiglu_bf16(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """bf16(bf16(silu(gate)) * up) of contiguous same-shaped bf16 CPU tensors, no gradient (`fused_ops.c`)."""
+    y = torch.empty_like(gate)
+    if gate.numel():
+        _library().swiglu_bf16(gate.data_ptr(), up.data_ptr(), gate.numel(), y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def sample_rows(logits_BV: torch.Tensor, uniforms_B: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
