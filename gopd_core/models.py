@@ -317,6 +317,8 @@ def keep_models_loaded(capacity: int) -> Iterator[ResidentModels]:
         cache.wait()  # the run's deferred checkpoint writes are on disk before it counts as finished
     finally:
         _CURRENT.reset(token)
+        for held in [w for w in list(_PENDING_WRITES.values()) if isinstance(w, HeldWeights) and w.owner is cache]:
+            held.release()  # their weights go with the run's models: not to be had from memory any more
         cache.clear()
 
 
@@ -477,6 +479,7 @@ class HeldWeights:
 
     def __init__(self, path: Path, saved: SavedModel) -> None:
         self.path, self.saved, self.key = path, saved, str(path.resolve())
+        self.owner = resident_models()  # the run whose model holds them (released when it ends)
         self.lock = threading.Lock()
 
     def write(self) -> None:

@@ -136,3 +136,9 @@ def test_a_held_checkpoint_is_written_when_asked_for_until_released(tmp_path):
         assert (released / PENDING_WEIGHTS_FILE).exists()
         with pytest.raises(ModelPathError, match="not kept on disk"):
             load_model(released)
+        at_the_end = tmp_path / "at-the-end"
+        hold_weights(at_the_end, save_model(model, at_the_end, defer_weights=True, held=True))
+    # the run's end releases what it still held: its models, and their weights, are gone with it
+    with pytest.raises(ModelPathError, match="not kept on disk"):
+        load_model(at_the_end)
+    assert model_hash(at_the_end) == model_hash(held)  # the id stays known

@@ -360,16 +360,22 @@ def training_attention_backward(query_HTD: torch.Tensor, key_KTD: torch.Tensor, 
     return grad_q, grad_k, grad_v
 
 
+def _bf16_logits(logits_NV: torch.Tensor, name: str) -> torch.Tensor:
+    """(N, V) bf16 CPU logits with contiguous entries for kernel `name`, else a ValueError naming what is wrong."""
+    if logits_NV.dtype != torch.bfloat16 or logits_NV.device.type != "cpu" or logits_NV.dim() != 2:
+        raise ValueError(f"{name} takes (N, V) bf16 CPU logits, got {tuple(logits_NV.shape)} "
+                         f"{logits_NV.dtype} on {logits_NV.device}")
+    if not bf16_available():
+        raise ValueError(f"{name} needs AVX512-BF16 ({unavailable_reason() or 'not reported by this CPU'})")
+    if logits_NV.shape[1] and logits_NV.stride(1) != 1:
+        logits_NV = logits_NV.contiguous()
+    return logits_NV
+
+
 def logsumexp_bf16(logits_NV: torch.Tensor) -> torch.Tensor:
     """log sum exp over the last dim of (N, V) bf16 CPU logits, in float32 (N,), without a float32 copy of them
     (`causal_attention.c`; AVX512-BF16 CPUs, see `bf16_available`). Rows may be strided, entries contiguous."""
-    if logits_NV.dtype != torch.bfloat16 or logits_NV.device.type != "cpu" or logits_NV.dim() != 2:
-        raise ValueError(f"logsumexp_bf16 takes (N, V) bf16 CPU logits, got {tuple(logits_NV.shape)} "
-                         f"{logits_NV.dtype} on {logits_NV.device}")
-    if not bf16_available():
-        raise ValueError(f"logsumexp_bf16 needs AVX512-BF16 ({unavailable_reason() or 'not reported by this CPU'})")
-    if logits_NV.shape[1] and logits_NV.stride(1) != 1:
-        logits_NV = logits_NV.contiguous()
+    logits_NV = _bf16_logits(logits_NV, "logsumexp_bf16")
     out_N = torch.empty(logits_NV.shape[0], dtype=torch.float32)
     if logits_NV.shape[1] == 0:
         return out_N.fill_(float("-inf"))
@@ -422,13 +428,7 @@ def logprob_grad_bf16(logits_NV: torch.Tensor, lse_N: torch.Tensor, grad_N: torc
     """d (sum_n grad_n log softmax(logits_n)[target_n]) / d logits, (N, V) bf16 from (N, V) bf16 CPU logits and
     their float32 log-sum-exp (`logsumexp_bf16`): grad_n * (onehot - softmax), in one native pass
     (`causal_attention.c`; AVX512-BF16 CPUs)."""
-    if logits_NV.dtype != torch.bfloat16 or logits_NV.device.type != "cpu" or logits_NV.dim() != 2:
-        raise ValueError(f"logprob_grad_bf16 takes (N, V) bf16 CPU logits, got {tuple(logits_NV.shape)} "
-                         f"{logits_NV.dtype} on {logits_NV.device}")
-    if not bf16_available():
-        raise ValueError(f"logprob_grad_bf16 needs AVX512-BF16 ({unavailable_reason() or 'not reported by this CPU'})")
-    if logits_NV.shape[1] and logits_NV.stride(1) != 1:
-        logits_NV = logits_NV.contiguous()
+    logits_NV = _bf16_logits(logits_NV, "logprob_grad_bf16")
     lse_N, grad_N = (t.detach().to(torch.float32).contiguous() for t in (lse_N, grad_N))
     targets_N = targets_N.to(torch.int64).contiguous()
     out_NV = torch.empty(logits_NV.shape, dtype=torch.bfloat16)
