@@ -21,9 +21,9 @@
    lam = 1, where the G-OPD advantage teacher - student is the per-token reverse-KL estimator.
 4. Each side runs in its own fresh subprocess (peak RSS is that process's `ru_maxrss`), with
    `warm-up + steps` steps; the warm-up is reported apart, the median of the rest is compared.
-   With `--rounds N` (default 2) each side runs N such processes, the sides taking turns (gopd, TRL,
-   TRL on gopd's malloc, gopd writing a checkpoint every step, then again), so that a slow spell of this shared machine falls on every
-   side; the median is over all rounds' measured steps, each round's median is kept beside it.
+   With `--rounds N` (default 2) each side runs N such processes, the sides taking turns (gopd, gopd
+   writing a checkpoint every step, TRL, TRL on gopd's malloc, then again), so that a slow spell of this
+   shared machine falls on every side; the median is over all rounds' measured steps, each round's median is kept beside it.
    After its measured steps each gopd process runs one more with its scoring and update under
    torch.profiler (`profiles`, one per round: each stage's matmul seconds against the rest); that
    step is not measured, and the peak RSS is taken before it.

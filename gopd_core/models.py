@@ -399,6 +399,13 @@ class SavedModel:
             os.replace(staging, directory / name)
         fsync_dir(directory)
 
+    def write_over_placeholders(self, directory: Path) -> None:
+        """The deferred write (`defer_weights_write`, `HeldWeights`): the shards over their placeholders (keeping
+        their mtime), then the pending file gone."""
+        self.write_weights(directory, self.placeholders_mtime_ns)
+        (directory / PENDING_WEIGHTS_FILE).unlink()  # before the registry lets go (see check_model_dir)
+        fsync_dir(directory)
+
 
 def save_model(model: torch.nn.Module, directory: Path, *, defer_weights: bool = False,
                held: bool = False) -> SavedModel:
@@ -463,9 +470,7 @@ def defer_weights_write(path: Path, saved: SavedModel) -> Callable[[], None]:
 
     def write() -> None:
         try:
-            saved.write_weights(path, saved.placeholders_mtime_ns)
-            (path / PENDING_WEIGHTS_FILE).unlink()
-            fsync_dir(path)
+            saved.write_over_placeholders(path)
         finally:  # readers wake either way; after a failure check_model_dir names the unwritten weights
             _PENDING_WRITES.pop(key, None)
             done.set()
@@ -487,9 +492,7 @@ class HeldWeights:
         with self.lock:
             if _PENDING_WRITES.get(self.key) is not self:
                 return
-            self.saved.write_weights(self.path, self.saved.placeholders_mtime_ns)
-            (self.path / PENDING_WEIGHTS_FILE).unlink()  # before leaving the registry (see check_model_dir)
-            fsync_dir(self.path)
+            self.saved.write_over_placeholders(self.path)
             del _PENDING_WRITES[self.key]
 
     def release(self) -> None:
