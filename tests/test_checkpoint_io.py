@@ -214,7 +214,7 @@ def test_page_aligned_tensors_are_written_from_their_own_memory(tmp_path, monkey
         storage = torch.from_numpy(room[start:start + nbytes])
         return storage.view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
-    plain = {"a": unaligned(torch.randn(4096)), "b": unaligned(torch.randn(3, 1000).bfloat16()), "norm": torch.randn(7)}
+    plain = {"a": unaligned(torch.randn(4096)), "b": unaligned(torch.randn(3, 1000).bfloat16()), "norm": unaligned(torch.randn(7))}
     assert all(tensor.data_ptr() % ALIGN for tensor in plain.values())
     aligned = {name: page_aligned(tensor) for name, tensor in plain.items()}
     assert all(aligned[n].data_ptr() % ALIGN == 0 and torch.equal(aligned[n], plain[n]) for n in ("a", "b"))
